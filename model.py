@@ -1,0 +1,509 @@
+"""
+The LLaMA-family decoder (Llama 2, Llama 3/3.1, Mistral, Yi, Qwen1.5/2) in one file.
+
+Read top to bottom: the config and its presets, RMSNorm, RoPE (with its scaling variants),
+attention with an opt-in static KV cache, the SwiGLU FFN, the block, the Transformer, and the
+checkpoint format (config.json + safetensors). The PESC Mixture-of-adapters lives in moe.py and
+replaces each block's FFN when `config.moe` is set; the Triton kernels in kernels.py replace the
+plain PyTorch math here when `kernels.use_triton(x)` says so (the code below is their twin).
+
+Internal layout: q/k rows are in the Hugging Face "rotate halves" order, so HF checkpoints load
+as they are and Meta checkpoints are permuted on import (convert.py).
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+import moe
+from moe import PESCConfig
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (no GQA)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...} as in HF configs
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: Optional[int] = None
+    moe: Optional[PESCConfig] = None  # None: dense FFN; else every FFN is a PESC layer
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if isinstance(self.moe, dict):
+            self.moe = PESCConfig(**self.moe)
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rs.setdefault("rope_type", rs.pop("type", None))  # legacy HF key
+            if rs["rope_type"] not in ("linear", "dynamic", "llama3", "default"):
+                raise ValueError(f"unsupported rope_scaling type {rs['rope_type']!r}")
+            self.rope_scaling = None if rs["rope_type"] == "default" else rs
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config key(s) {unknown}")
+        d = dict(d)
+        if d.get("moe") is not None:
+            d["moe"] = PESCConfig.from_dict(d["moe"], source)
+        return cls(**d)
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, vocab_size=32000),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824, vocab_size=32000),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=32000),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                      rope_theta=500000.0, max_seq_len=8192),
+    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
+                       rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
+                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=_LLAMA3_ROPE),
+    "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
+                            max_seq_len=32768, sliding_window=4096),
+    "mistral-7b-v0.2": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
+                            rope_theta=1e6, max_seq_len=32768),
+    "yi-6b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=4, ffn_dim=11008, vocab_size=64000,
+                  rope_theta=5e6),
+    "yi-34b": dict(dim=7168, n_layers=60, n_heads=56, n_kv_heads=8, ffn_dim=20480, vocab_size=64000,
+                   rope_theta=5e6),
+    "qwen1.5-14b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13696, vocab_size=152064, norm_eps=1e-6,
+                        rope_theta=1e6, qkv_bias=True, max_seq_len=32768),
+    # tiny configs for tests and the CPU demo
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512, max_seq_len=256),
+    "tiny-qwen": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512, max_seq_len=256,
+                      qkv_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
+    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, vocab_size=512, max_seq_len=512),
+}
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        """norm(x), or with a residual: (norm(x + residual), x + residual), fused on GPU."""
+        if kernels.use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        h = x if residual is None else x + residual
+        hf = h.float()  # the statistics in fp32, as HF and Meta do
+        out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return out if residual is None else (out, h)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) with the config's RoPE scaling applied.
+
+    seq_len matters only for dynamic NTK scaling, which stretches the base once a sequence
+    outgrows the trained context (as HF does, evaluated at the current length)."""
+    hd, base = config.head_dim, config.rope_theta
+    rs = config.rope_scaling or {}
+    kind = rs.get("rope_type")
+    if kind == "dynamic" and seq_len is not None:
+        orig = rs.get("original_max_position_embeddings") or config.max_seq_len
+        if seq_len > orig:
+            factor = rs["factor"]
+            base = base * ((factor * seq_len / orig) - (factor - 1)) ** (hd / (hd - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    if kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        orig = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen < orig / hi, inv_freq,
+                               torch.where(wavelen > orig / lo, inv_freq / factor, scaled))
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate halves (HF layout). x: (B, T, H, hd); cos, sin: (B or 1, T, hd//2) fp32."""
+    if kernels.use_triton(x):
+        return kernels.apply_rope(x, cos, sin)
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        """Write k, v (B, Hkv, T, hd) at columns input_pos; return the whole cache."""
+        B = k.shape[0]
+        self.k[:B, :, input_pos] = k
+        self.v[:B, :, input_pos] = v
+        return self.k[:B], self.v[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if mask is None:  # plain causal attention over this call's tokens: the flash path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """The dense SwiGLU FFN: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x, valid=None):
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+def swiglu(a, b):
+    if kernels.use_triton(a):
+        return kernels.swiglu(a, b)
+    return F.silu(a) * b
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, input_pos=None, valid=None):
+        a = self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        hn, h = self.ffn_norm(a, residual=x)  # hn = norm(x + a), h = x + a
+        return h + self.feed_forward(hn, valid)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.cache_len = 0
+        if config.moe is not None:  # a PESC model: every FFN becomes a mixture of adapters
+            moe.upcycle(self, config.moe)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        """Allocate a static KV cache; afterwards call model(idx, input_pos=pos)."""
+        w = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+        self.cache_len = max_seq_len
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_len = 0
+
+    def forward(self, idx, targets=None, input_pos=None, *, positions=None, mask=None, valid=None):
+        """Return (logits, loss).
+
+        idx: (B, T) token ids. targets: (B, T), -100 = ignored. input_pos: (T,) positions of
+        idx's columns, required with the KV cache (they are the cache slots written).
+        Optional, for packed rows and padded batches:
+          positions (B, T): RoPE positions per row (default: input_pos, or 0..T-1);
+          mask (B, T, S) bool, True where a query may attend a key (S = T, or the cache length);
+            it replaces the causal/sliding-window mask, so it must be causal itself;
+          valid (B, T) bool: real (non-padding) tokens, so padding does not count in the
+            MoE load-balancing statistics.
+        logits are (B, T, vocab); with targets and the fused LM-head loss they are None.
+        """
+        B, T = idx.shape
+        cached = self.cache_len > 0
+        if cached and input_pos is None:
+            raise ValueError("with a KV cache, pass input_pos (the positions of idx's columns)")
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if positions is None:
+            positions = input_pos[None, :]  # (1, T)
+
+        inv_freq = self.inv_freq
+        if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
+            inv_freq = rope_inv_freq(self.config, int(positions.max()) + 1).to(idx.device)
+        freqs = positions[..., None].float() * inv_freq  # (B or 1, T, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+
+        if mask is None and (cached or self.config.sliding_window is not None):
+            q_pos = input_pos[:, None]
+            k_pos = torch.arange(self.cache_len if cached else T, device=idx.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.config.sliding_window is not None:
+                mask = mask & (k_pos > q_pos - self.config.sliding_window)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
+
+        h = self.tok_embeddings(idx)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, input_pos if cached else None, valid)
+        h = self.norm(h)
+
+        if targets is None:
+            return self.output(h), None
+        if kernels.use_triton(h):  # chunked LM head + loss: no (tokens, vocab) logits in memory
+            logits = None
+            loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
+        else:
+            logits = self.output(h)
+            loss = cross_entropy(logits, targets)
+        if self.config.moe is not None:
+            loss = loss + moe.auxiliary_loss(self)
+        return logits, loss
+
+    # -- sizes, FLOPs, MFU ------------------------------------------------------
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}.values()  # a tied weight counts once
+        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """FLOPs of one training step per token (forward + backward).
+
+        Each matmul costs 2 FLOPs per weight per token forward, 2 more for the gradient of its
+        input, and 2 more for its weight gradient only if that weight is trained (frozen base
+        weights in PESC and LoRA skip it). PESC adapters count the k experts a token uses.
+        Attention scores and values add 4 * layers * seq_len * heads * head_dim forward, twice
+        that backward (the causal half is not discounted, as in PaLM's formula)."""
+        flops = 0.0
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                n = m.weight.numel()
+                flops += (6 if m.weight.requires_grad else 4) * n
+            elif isinstance(m, moe.PESCFeedForward):
+                n = m.active_adapter_params()
+                flops += 6 * n  # adapters are always trained
+            if isinstance(m, moe.LoRALinear):
+                flops += 6 * (m.lora_a.numel() + m.lora_b.numel())
+        c = self.config
+        flops += 3 * 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
+        return flops
+
+    def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    # -- checkpoints -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a project checkpoint directory strictly: every tensor present, known, well shaped.
+
+        The model is built on the meta device and the loaded tensors are assigned into it, so
+        loading never holds two copies of the weights."""
+        from safetensors import safe_open
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file}: no config.json, not a project checkpoint")
+        with open(cfg_file) as f:
+            config = ModelConfig.from_dict(json.load(f), cfg_file)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if config.tie_embeddings:
+            expected.pop("output.weight")
+
+        files = checkpoint_files(path)
+        device = torch.device(device or "cpu")
+        state, where = {}, {}
+        for fname in files:
+            with safe_open(fname, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key not in expected:
+                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key].shape:
+                        raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"config expects {tuple(expected[key].shape)}")
+                    state[key], where[key] = t.to(dtype) if dtype is not None else t, fname
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise KeyError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if config.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.inv_freq = rope_inv_freq(config).to(device)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes).
+
+        Everything goes to a temporary directory beside `path` that is renamed at the end, so a
+        crash never leaves a half-written checkpoint under the final name."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("output.weight")
+        write_checkpoint(path, self.config.to_dict(), state, max_shard_bytes)
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy over targets != ignore_index (0 when there are none, not NaN)."""
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    targets = targets.reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files (shared by save_pretrained and convert.py)
+
+
+def checkpoint_files(path) -> list:
+    """The safetensors files of a project checkpoint, from its index when sharded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        for fname in files:
+            if not os.path.isfile(os.path.join(path, fname)):
+                raise FileNotFoundError(f"{index}: shard {fname} is missing")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def write_checkpoint(path, config: dict, state: dict, max_shard_bytes: int = 5 * 2**30,
+                     extra_files=(), overwrite: bool = True):
+    """Atomically write a checkpoint directory: config.json, safetensors shards, extra files.
+
+    `state` may be any mapping of name -> tensor (read lazily in order). extra_files are
+    (source path, name) pairs copied in, e.g. the tokenizer."""
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        shards, current, size = [], {}, 0
+        for k, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k], size = t, size + nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                for k, t in shard.items():
+                    weight_map[k] = name
+                    total += t.numel() * t.element_size()
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        for src, name in extra_files:
+            shutil.copyfile(src, os.path.join(tmp, name))
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp, path):
+    """Move the finished directory tmp to path, replacing an old one only once tmp is complete."""
+    if os.path.exists(path):
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)

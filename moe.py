@@ -1,0 +1,301 @@
+"""
+PESC: Parameter-Efficient Sparsity Crafting (Wu, Zheng, Yu 2024), the math of SPEC.md section 1.
+
+Every dense SwiGLU FFN stays, frozen, and is computed once per token: y = W2(silu(W1 x) * W3 x).
+A router reads the FFN input x, picks the top-k of E experts (softmax over the k chosen logits),
+and each chosen expert adds a small bottleneck adapter of y:
+
+    out = y + sum_j w_j * s * U_{e_j}( GELU( D_{e_j}( dropout(y) ) ) )
+
+Upcycling sets every U_e to zero, so the PESC model starts as exactly the dense model. Only the
+routers and adapters (and optional LoRA on the base linears) are trained. The load-balancing
+loss is the Switch Transformer one (not the constant that the official code computes).
+
+This module never imports model.py: `upcycle` works on the model instance it is given.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class PESCConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    adapter_dim: int = 512
+    adapter_scaling: float = 0.25  # s, "moe_scaling" in the official configs
+    adapter_dropout: float = 0.1  # on the adapter input (0.1 Camelidae, 0 sparsetral)
+    aux_loss_coef: float = 0.01  # load balancing (Switch Transformer), 1.0 at perfect balance
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss, off by default
+    lora_rank: int = 0  # 0: no LoRA on the base linears
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {list(LORA_TARGETS)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in PESC_PRESETS:
+            raise ValueError(f"unknown PESC preset {name!r}; known: {', '.join(PESC_PRESETS)}")
+        return cls(**{**PESC_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown moe config key(s) {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PESC_PRESETS = {
+    "camelidae-8x7b": dict(num_experts=8, top_k=2, adapter_dim=512, adapter_scaling=0.25, adapter_dropout=0.1),
+    "camelidae-8x13b": dict(num_experts=8, top_k=2, adapter_dim=512, adapter_scaling=0.25, adapter_dropout=0.1),
+    "camelidae-8x34b": dict(num_experts=8, top_k=2, adapter_dim=512, adapter_scaling=0.25, adapter_dropout=0.1),
+    "qwen2idae-16x14b": dict(num_experts=16, top_k=4, adapter_dim=512, adapter_scaling=0.25, adapter_dropout=0.1),
+    "sparsetral-16x7b": dict(num_experts=16, top_k=4, adapter_dim=512, adapter_scaling=1.0, adapter_dropout=0.0),
+}
+
+# LoRA target names (the paper's) -> attribute names of the linears in model.py
+LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+
+# -----------------------------------------------------------------------------
+# Routing and the adapter experts
+
+
+def route(logits, top_k: int):
+    """Top-k of the raw router logits, softmax over those k. logits: (N, E) -> (N, k) each.
+
+    Equal to a softmax over all E followed by renormalising the chosen k."""
+    top_logits, experts = logits.topk(top_k, dim=-1)
+    weights = F.softmax(top_logits.float(), dim=-1)
+    return weights, experts
+
+
+def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """Reference: the official algorithm, one boolean mask per expert.
+
+    y: (N, D) FFN output; weights, experts: (N, k); down: (E, r, D); up: (E, D, r)."""
+    N, k = experts.shape
+    E = down.shape[0]
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    y_rep = yd.repeat_interleave(k, dim=0)  # one copy per (token, slot)
+    flat = experts.reshape(-1)
+    a = torch.zeros_like(y_rep)
+    for e in range(E):
+        sel = flat == e
+        a[sel] = scaling * (F.gelu(y_rep[sel] @ down[e].T) @ up[e].T)
+    return y + (a.view(N, k, -1) * weights[..., None].to(y.dtype)).sum(1)
+
+
+def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=64):
+    """Fast path in plain PyTorch: sort the (token, slot) pairs by expert, grouped matmuls.
+
+    Each expert's rows are padded to whole tiles of `block` rows, so every tile belongs to one
+    expert and the tiles run as one batched matmul against their expert's weights. All shapes
+    are static (the tile count is an upper bound), so there is no host synchronisation; at most
+    E tiles are padding. Autograd gives every gradient."""
+    N, k = experts.shape
+    E, r, D = down.shape
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    tok = order // k  # token of each sorted pair
+    e_sorted = flat[order]
+    counts = torch.bincount(flat, minlength=E)  # (E,)
+    padded = (counts + block - 1) // block * block
+    start = torch.cumsum(counts, 0) - counts  # first sorted pair of each expert
+    pstart = torch.cumsum(padded, 0) - padded  # first padded row of each expert
+    rows = pstart[e_sorted] + torch.arange(N * k, device=y.device) - start[e_sorted]  # (N*k,)
+    n_tiles = -(-N * k // block) + E  # sum_e ceil(counts_e / block) never exceeds this
+    tile_start = torch.arange(n_tiles, device=y.device) * block
+    tile_expert = torch.searchsorted(torch.cumsum(padded, 0), tile_start, right=True).clamp(max=E - 1)
+
+    x = yd.new_zeros(n_tiles * block, D).index_copy(0, rows, yd.index_select(0, tok))
+    h = F.gelu(torch.bmm(x.view(n_tiles, block, D), down[tile_expert].transpose(1, 2)))  # (tiles, block, r)
+    a = torch.bmm(h, up[tile_expert].transpose(1, 2)).view(-1, D)  # (tiles * block, D)
+    w = (scaling * weights.reshape(-1)[order]).to(y.dtype)  # (N*k,)
+    return y.index_add(0, tok, a.index_select(0, rows) * w[:, None])
+
+
+def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else sorted torch."""
+    if kernels.use_triton(y):
+        return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
+    return adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p, training)
+
+
+class PESCFeedForward(nn.Module):
+    """The frozen dense FFN, shared by E adapter experts picked by a top-k router."""
+
+    def __init__(self, ffn: nn.Module, config: PESCConfig):
+        super().__init__()
+        self.config = config
+        self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3  # keep the dense names and tensors
+        dim = self.w1.in_features
+        E, r = config.num_experts, config.adapter_dim
+        w = self.w1.weight
+        self.router = nn.Linear(dim, E, bias=False, device=w.device, dtype=w.dtype)
+        self.adapter_down = nn.Parameter(torch.empty(E, r, dim, device=w.device, dtype=w.dtype))  # D_e
+        self.adapter_up = nn.Parameter(torch.zeros(E, dim, r, device=w.device, dtype=w.dtype))  # U_e = 0
+        # D_e as nn.Linear(dim, r) would be: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(dim), 1/sqrt(dim))
+        bound = 1 / math.sqrt(dim)
+        nn.init.uniform_(self.adapter_down, -bound, bound)
+        self.stats = None  # (aux_loss, z_loss, load) of the last forward, for the loss and logs
+
+    def forward(self, x, valid=None):
+        B, T, D = x.shape
+        a, b = self.w1(x), self.w3(x)
+        h = kernels.swiglu(a, b) if kernels.use_triton(a) else F.silu(a) * b
+        y = self.w2(h).view(B * T, D)  # the shared FFN, once per token
+
+        logits = self.router(x.view(B * T, D))  # (N, E)
+        weights, experts = route(logits, self.config.top_k)  # (N, k)
+        c = self.config
+        out = adapter_experts(y, weights, experts, self.adapter_down, self.adapter_up,
+                              c.adapter_scaling, c.adapter_dropout, self.training)
+        self.stats = router_losses(logits, experts, None if valid is None else valid.reshape(-1))
+        return out.view(B, T, D)
+
+    def active_adapter_params(self) -> float:
+        """Adapter weights one token uses (k of E experts) plus the router, for FLOP counts."""
+        E, k = self.config.num_experts, self.config.top_k
+        return (self.adapter_down.numel() + self.adapter_up.numel()) * k / E + self.router.weight.numel()
+
+
+# -----------------------------------------------------------------------------
+# Load balancing
+
+
+def router_losses(logits, experts, valid=None):
+    """Switch Transformer load-balancing loss, ST-MoE z-loss and the expert load of one layer.
+
+    aux = E * sum_i f_i * P_i, f_i = share of (token, slot) assignments that went to expert i,
+    P_i = mean router probability of expert i. 1.0 at perfect balance; the gradient reaches
+    the router through P. Padding (valid == False) is left out of everything. No host sync."""
+    N, E = logits.shape
+    k = experts.shape[1]
+    m = torch.ones(N, device=logits.device) if valid is None else valid.float()  # (N,)
+    n = m.sum().clamp(min=1)
+    probs = F.softmax(logits.float(), dim=-1)  # (N, E)
+    load = torch.zeros(E, device=logits.device).index_add_(0, experts.reshape(-1), m.repeat_interleave(k))
+    f = load / (n * k)
+    P = (probs * m[:, None]).sum(0) / n
+    aux = E * (f * P).sum()
+    z = (torch.logsumexp(logits.float(), dim=-1).pow(2) * m).sum() / n
+    return aux, z, load.detach()
+
+
+def pesc_layers(model):
+    return [m for m in model.modules() if isinstance(m, PESCFeedForward)]
+
+
+def auxiliary_loss(model):
+    """aux_loss_coef * mean-over-layers aux + z_loss_coef * mean z, from the last forward.
+
+    Also leaves the unweighted terms in model.router_stats for the logs."""
+    layers = pesc_layers(model)
+    aux = torch.stack([m.stats[0] for m in layers]).mean()
+    z = torch.stack([m.stats[1] for m in layers]).mean()
+    model.router_stats = {"aux_loss": aux.detach(), "z_loss": z.detach(),
+                          "load": torch.stack([m.stats[2] for m in layers])}  # (L, E) token counts
+    c = layers[0].config
+    return c.aux_loss_coef * aux + c.z_loss_coef * z
+
+
+# -----------------------------------------------------------------------------
+# LoRA on the base linears
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha/r) B A dropout(x)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # same tensors: state-dict keys unchanged
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # B = 0: starts as the base linear
+        self.scale = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
+            F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+
+
+def add_lora(model, targets, rank: int, alpha: float, dropout: float):
+    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA."""
+    names = {LORA_TARGETS[t] for t in targets}
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in names and type(child) is nn.Linear:
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRA update into its base weight and drop the LoRA tensors (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                delta = child.scale * (child.lora_b.float() @ child.lora_a.float())
+                child.weight += delta.to(child.weight.dtype)
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, name, plain)
+    if getattr(model.config, "moe", None) is not None:
+        model.config = replace(model.config, moe=replace(model.config.moe, lora_rank=0))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Upcycling
+
+
+def upcycle(model, config: PESCConfig):
+    """Turn a dense model into a PESC model, in place, and return it.
+
+    Each FFN becomes a PESCFeedForward holding the same (now frozen) weights; the adapters'
+    up-projections start at zero, so the logits are exactly the dense model's. Afterwards only
+    routers, adapters (and LoRA, when config.lora_rank > 0) require grad."""
+    for layer in model.layers:
+        if isinstance(layer.feed_forward, PESCFeedForward):
+            raise ValueError("model is already a PESC model")
+        layer.feed_forward = PESCFeedForward(layer.feed_forward, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.lora_rank > 0:
+        add_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    for m in pesc_layers(model):
+        for p in (m.router.weight, m.adapter_down, m.adapter_up):
+            p.requires_grad_(True)
+    model.config = replace(model.config, moe=config)
+    return model
+
+
+def trainable_report(model) -> str:
+    """'trainable 12,345 of 6,789,012 parameters (0.18%)'."""
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

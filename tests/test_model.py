@@ -1,0 +1,248 @@
+"""model.py: parity with Hugging Face transformers, KV cache, checkpoints, presets."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transformers  # test-only reference (requirements-dev.txt)
+
+from convert import hf_config_to_model_config, hf_key_to_project
+from model import ModelConfig, Transformer, cross_entropy
+
+TINY_HF = dict(vocab_size=97, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def load_from_hf(hf_model) -> Transformer:
+    """The project model holding an HF model's weights, through convert.py's key mapping."""
+    config = hf_config_to_model_config(hf_model.config.to_dict())
+    model = Transformer(config)
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        name = hf_key_to_project(k)
+        assert name is not None, f"unmapped HF key {k}"
+        state[name] = v
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def hf_logits(hf_model, idx):
+    with torch.no_grad():
+        return hf_model(input_ids=idx).logits
+
+
+CASES = {
+    "llama-gqa": (transformers.LlamaConfig, dict(rope_theta=5e5), 40),
+    "llama-linear": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), 40),
+    # dynamic NTK changes the base only past max_position_embeddings: run 80 > 64 tokens
+    "llama-dynamic": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 80),
+    "llama3-scaled": (transformers.LlamaConfig, dict(rope_theta=5e5, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}), 40),
+    "llama-mha-tied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True), 40),
+    # sequence (40) longer than the window (16)
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=16, rope_theta=1e6, head_dim=16), 40),
+    "qwen2-bias-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rope_theta=1e6), 40),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_parity(case):
+    cls, extra, T = CASES[case]
+    torch.manual_seed(0)
+    hf_cfg = cls(**{**TINY_HF, **extra})
+    hf_cfg._attn_implementation = "eager"
+    hf_model = getattr(transformers, cls.__name__.replace("Config", "ForCausalLM"))(hf_cfg).eval()
+    with torch.no_grad():  # HF initialises biases and norms trivially; make them count
+        for name, p in hf_model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = load_from_hf(hf_model)
+    if case.startswith("qwen2"):
+        assert model.config.qkv_bias and model.layers[0].attention.wq.bias is not None
+    if case.startswith("mistral"):
+        assert model.config.sliding_window == 16
+    idx = torch.randint(0, TINY_HF["vocab_size"], (2, T))
+    ref = hf_logits(hf_model, idx)
+    with torch.no_grad():
+        logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, T, TINY_HF["vocab_size"])
+    assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_sliding_window_matters():
+    # guard against a parity test that passes because the window never bites
+    cfg = ModelConfig.from_preset("tiny", sliding_window=8)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        a = model(idx)[0]
+        model.config.sliding_window = None
+        b = model(idx)[0]
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset,window", [("tiny", None), ("tiny-qwen", None), ("tiny", 6)])
+def test_kv_cache_matches_full_forward(preset, window):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, sliding_window=window)
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(idx)[0]
+        model.setup_cache(max_batch_size=2, max_seq_len=32)
+        prefill = model(idx[:, :7], input_pos=torch.arange(7))[0]
+        steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(7, 20)]
+    inc = torch.cat([prefill] + steps, dim=1)
+    assert (inc - full).abs().max().item() <= 1e-5
+
+
+def test_cache_requires_input_pos():
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.setup_cache(1, 16)
+    with pytest.raises(ValueError, match="input_pos"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_ignored_targets():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    targets = torch.randint(0, cfg.vocab_size, (2, 10))
+    targets[0, :6] = -100
+    targets[1, 3] = -100
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # changing an ignored target changes nothing
+    targets2 = targets.clone()
+    targets2[0, 2] = -100
+    targets2[0, :6] = -100
+    with torch.no_grad():
+        assert torch.equal(model(idx, targets2)[1], loss)
+    # all ignored: 0, not NaN
+    assert cross_entropy(logits, torch.full_like(targets, -100)).item() == 0.0
+
+
+def test_save_load_roundtrip_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    for preset in ("tiny", "tiny-qwen"):
+        model = Transformer(ModelConfig.from_preset(preset))
+        out = tmp_path / preset
+        model.save_pretrained(out, max_shard_bytes=40_000)  # force several shards
+        assert (out / "model.safetensors.index.json").exists()
+        loaded = Transformer.from_pretrained(out)
+        a, b = model.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        if model.config.tie_embeddings:
+            assert loaded.output.weight is loaded.tok_embeddings.weight
+        idx = torch.randint(0, 512, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(model(idx)[0], loaded(idx)[0])
+    # no temporary directories are left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "tiny-qwen"]
+
+
+def test_load_dtype(tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.save_pretrained(tmp_path / "m")
+    loaded = Transformer.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+
+
+def test_strict_loading_names_the_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    state = load_file(f)
+
+    bad = dict(state)
+    bad.pop("layers.1.attention.wk.weight")
+    save_file(bad, f)
+    with pytest.raises(KeyError, match="layers.1.attention.wk.weight"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+    bad = dict(state)
+    bad["layers.0.extra.weight"] = torch.zeros(3)
+    save_file(bad, f)
+    with pytest.raises(KeyError, match="layers.0.extra.weight"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+    bad = dict(state)
+    bad["norm.weight"] = torch.zeros(65)
+    save_file(bad, f)
+    with pytest.raises(ValueError, match="norm.weight"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+    save_file(state, f)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["n_heads_typo"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="n_heads_typo"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        Transformer(ModelConfig.from_preset("tiny")).save_pretrained(tmp_path / "m")
+    # the old checkpoint is intact and no temporary directory is left
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+PUBLISHED = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3.1-8b": 8_030_261_248,
+    "mistral-7b-v0.1": 7_241_732_096,
+    "mistral-7b-v0.2": 7_241_732_096,
+    "yi-6b": 6_061_035_520,
+    "yi-34b": 34_388_917_248,
+    "qwen1.5-14b": 14_167_290_880,
+}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_preset_parameter_counts(preset):
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(preset))
+    assert model.num_params() == PUBLISHED[preset]
+
+
+def test_flops_and_mfu():
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # matmul weights
+    attn = 3 * 4 * cfg.n_layers * 16 * cfg.n_heads * cfg.head_dim
+    assert model.flops_per_token(16) == 6 * n + attn  # everything trained: the 6N rule
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert model.flops_per_token(16) == 4 * n + attn  # frozen weights: no weight gradients
+    assert model.estimate_mfu(1000.0, 16, 1e12) == pytest.approx((4 * n + attn) * 1000 / 1e12)
