@@ -1,0 +1,249 @@
+"""moe.py: fast dispatch vs the reference loop, load balancing, upcycling, LoRA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe
+from model import ModelConfig, Transformer
+from moe import PESCConfig, adapter_experts_loop, adapter_experts_sorted, route, router_losses, upcycle
+
+
+def make_case(N, D, E, r, k, seed=0, experts=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, requires_grad=True)  # router input
+    y = torch.randn(N, D, generator=g, requires_grad=True)  # FFN output
+    router = torch.randn(E, D, generator=g, requires_grad=True)
+    down = (torch.randn(E, r, D, generator=g) / D**0.5).requires_grad_()
+    up = (torch.randn(E, D, r, generator=g) / r**0.5).requires_grad_()
+    return x, y, router, down, up
+
+
+def run(fn, x, y, router, down, up, k, experts=None, **kw):
+    """Route, apply the adapters, and return output + gradients of a fixed projection."""
+    logits = x @ router.T
+    weights, chosen = route(logits, k)
+    if experts is not None:  # forced routing: the weights still come from the router
+        chosen = experts
+        weights = F.softmax(logits.gather(1, experts), dim=-1)
+    out = fn(y, weights, chosen, down, up, 0.5, **kw)
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * proj).sum(), [x, y, router, down, up])
+    return out, grads
+
+
+def assert_same(fast, ref, atol=1e-5):
+    (o1, g1), (o2, g2) = fast, ref
+    assert (o1 - o2).abs().max().item() <= atol
+    for name, a, b in zip(["x", "y", "router", "down", "up"], g1, g2):
+        assert (a - b).abs().max().item() <= atol, name
+
+
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (16, 4)])
+def test_sorted_dispatch_matches_loop(E, k):
+    N, D, r = 37, 24, 6  # 37 tokens: not a multiple of the tile or of anything else
+    case = make_case(N, D, E, r, k, seed=E * 10 + k)
+    # tiles of 8 rows: experts span several tiles and most end in a partial one
+    fast = run(lambda *a: adapter_experts_sorted(*a, block=8), *case, k)
+    ref = run(adapter_experts_loop, *case, k)
+    assert_same(fast, ref)
+
+
+def test_default_tile_size_matches_loop():
+    case = make_case(300, 32, 8, 8, 2, seed=3)
+    assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
+
+
+def test_all_tokens_on_one_expert_and_empty_experts():
+    N, D, E, r, k = 29, 16, 8, 4, 2
+    case = make_case(N, D, E, r, k, seed=5)
+    experts = torch.tensor([[3, 5]] * N)  # experts 0,1,2,4,6,7 get nothing; 3 and 5 get all
+    fast = run(lambda *a: adapter_experts_sorted(*a, block=8), *case, k, experts=experts)
+    ref = run(adapter_experts_loop, *case, k, experts=experts)
+    assert_same(fast, ref)
+    grads_down = fast[1][3]
+    assert grads_down[[0, 1, 2, 4, 6, 7]].abs().max() == 0  # unused experts get no gradient
+    assert grads_down[[3, 5]].abs().min() > 0 or grads_down[[3, 5]].abs().max() > 0
+
+
+def test_single_token():
+    case = make_case(1, 16, 4, 4, 2, seed=6)
+    assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
+
+
+def test_dropout_uses_the_same_mask_in_both_paths():
+    case = make_case(40, 16, 4, 4, 2, seed=7)
+    torch.manual_seed(123)
+    fast = run(adapter_experts_sorted, *case, 2, dropout_p=0.3, training=True)
+    torch.manual_seed(123)
+    ref = run(adapter_experts_loop, *case, 2, dropout_p=0.3, training=True)
+    assert_same(fast, ref)
+    torch.manual_seed(123)
+    no_drop = run(adapter_experts_sorted, *case, 2)
+    assert (fast[0] - no_drop[0]).abs().max() > 1e-3  # dropout did something
+
+
+def test_route_is_softmax_over_topk():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    w, e = route(logits, 2)
+    assert e.tolist() == [[1, 2]]
+    full = F.softmax(logits, -1)[0, [1, 2]]
+    assert torch.allclose(w[0], full / full.sum())
+
+
+# -----------------------------------------------------------------------------
+# Load balancing
+
+
+def test_aux_loss_hand_computed():
+    # 3 tokens, 2 experts, top-1
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    experts = torch.tensor([[0], [0], [1]])
+    aux, z, load = router_losses(logits, experts)
+    p = F.softmax(logits.detach(), -1)
+    f = torch.tensor([2 / 3, 1 / 3])
+    P = p.mean(0)
+    assert torch.allclose(aux, 2 * (f * P).sum())
+    assert load.tolist() == [2.0, 1.0]
+    lse = torch.logsumexp(logits.detach(), -1)
+    assert torch.allclose(z, lse.pow(2).mean())
+    # by hand: f = (2/3, 1/3); P_0 = (e^2/(e^2+1) + e/(e+1) + 1/(1+e^3)) / 3
+    import math
+    P0 = (math.exp(2) / (math.exp(2) + 1) + math.e / (math.e + 1) + 1 / (1 + math.exp(3))) / 3
+    assert aux.item() == pytest.approx(2 * (2 / 3 * P0 + 1 / 3 * (1 - P0)), rel=1e-6)
+
+
+def test_aux_loss_is_one_at_perfect_balance():
+    E, k = 4, 2
+    logits = torch.zeros(8, E)  # uniform probabilities
+    experts = torch.tensor([[0, 1], [2, 3]] * 4)  # every expert gets 1/4 of the assignments
+    aux, _, load = router_losses(logits, experts)
+    assert aux.item() == pytest.approx(1.0)
+    assert load.tolist() == [4.0] * 4
+
+
+def test_aux_loss_gives_the_router_a_gradient():
+    # the official code's loss is the constant E/k with no gradient: these assertions fail for it
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    router = torch.randn(8, 16, requires_grad=True)
+    logits = x @ router.T
+    _, experts = route(logits, 2)
+    aux, _, _ = router_losses(logits, experts)
+    (g,) = torch.autograd.grad(aux, router)
+    assert g.abs().max() > 1e-4
+    skewed = logits.detach().clone()
+    skewed[:, 0] += 10  # everything prefers expert 0
+    aux_skewed, _, _ = router_losses(skewed, route(skewed, 2)[1])
+    assert aux_skewed.item() > aux.item() + 0.5  # imbalance costs more
+    assert abs(aux.item() - 8 / 2) > 1e-3  # not the buggy constant E/k
+
+
+def test_padding_is_masked_out():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 4)
+    experts = route(logits, 2)[1]
+    valid = torch.tensor([True] * 6 + [False] * 4)
+    masked = router_losses(logits, experts, valid)
+    subset = router_losses(logits[:6], experts[:6])
+    for a, b in zip(masked, subset):
+        assert torch.allclose(a, b)
+
+
+def tiny_pesc(seed=0, **kw):
+    torch.manual_seed(seed)
+    dense = Transformer(ModelConfig.from_preset("tiny")).eval()
+    cfg = PESCConfig(**{**dict(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0), **kw})
+    return dense, cfg
+
+
+def test_model_loss_adds_weighted_aux_terms():
+    dense, cfg = tiny_pesc(aux_loss_coef=0.5, z_loss_coef=0.1)
+    model = upcycle(dense, cfg)
+    idx = torch.randint(0, 512, (2, 12))
+    logits, loss = model(idx, idx)
+    stats = model.router_stats
+    layers = moe.pesc_layers(model)
+    aux = torch.stack([m.stats[0] for m in layers]).mean()
+    z = torch.stack([m.stats[1] for m in layers]).mean()
+    lm = F.cross_entropy(logits.view(-1, 512), idx.view(-1))
+    assert torch.allclose(loss, lm + 0.5 * aux + 0.1 * z, atol=1e-6)
+    assert torch.allclose(stats["aux_loss"], aux) and stats["load"].shape == (2, 4)
+    assert stats["load"].sum(1).tolist() == [2 * 12 * 2] * 2  # per layer: tokens x k assignments
+    loss.backward()
+    assert model.layers[0].feed_forward.router.weight.grad.abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# Upcycling and LoRA
+
+
+def test_upcycled_logits_equal_dense_exactly():
+    dense, cfg = tiny_pesc()
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = dense(idx)[0]
+        model = upcycle(dense, cfg)
+        assert model.config.moe == cfg
+        out = model(idx)[0]
+    assert torch.equal(out, ref)
+
+
+def test_trainable_set():
+    dense, cfg = tiny_pesc()
+    model = upcycle(dense, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"layers.{i}.feed_forward.{n}" for i in range(2)
+                for n in ("router.weight", "adapter_down", "adapter_up")}
+    assert trainable == expected
+    assert moe.trainable_report(model).startswith("trainable ")
+
+    dense, cfg = tiny_pesc(lora_rank=4, lora_targets=("q", "v", "down"))
+    model = upcycle(dense, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {f"layers.{i}.{m}.{w}" for i in range(2)
+            for m in ("attention.wq", "attention.wv", "feed_forward.w2") for w in ("lora_a", "lora_b")}
+    assert trainable == expected | lora
+
+
+def test_upcycle_init():
+    dense, cfg = tiny_pesc(num_experts=8, adapter_dim=16)
+    model = upcycle(dense, cfg)
+    ff = model.layers[0].feed_forward
+    assert ff.adapter_up.abs().max() == 0
+    bound = 1 / 64**0.5
+    assert ff.adapter_down.abs().max() <= bound and ff.adapter_down.abs().max() > 0.9 * bound
+    assert ff.router.weight.abs().max() <= bound
+    assert ff.adapter_down.shape == (8, 16, 64) and ff.adapter_up.shape == (8, 64, 16)
+
+
+def test_lora_merge_preserves_logits():
+    dense, cfg = tiny_pesc(lora_rank=4, lora_dropout=0.0)
+    model = upcycle(dense, cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, moe.LoRALinear):
+                m.lora_b.normal_(0, 0.05)  # make the LoRA update count
+            if isinstance(m, moe.PESCFeedForward):
+                m.adapter_up.normal_(0, 0.05)
+        idx = torch.randint(0, 512, (2, 16))
+        before = model(idx)[0]
+        moe.merge_lora(model)
+        after = model(idx)[0]
+    assert not any(isinstance(m, moe.LoRALinear) for m in model.modules())
+    assert model.config.moe.lora_rank == 0
+    assert (before - after).abs().max().item() <= 1e-5
+
+
+def test_pesc_checkpoint_roundtrip(tmp_path):
+    dense, cfg = tiny_pesc()
+    model = upcycle(dense, cfg)
+    with torch.no_grad():
+        for m in moe.pesc_layers(model):
+            m.adapter_up.normal_()
+    model.save_pretrained(tmp_path / "pesc")
+    loaded = Transformer.from_pretrained(tmp_path / "pesc").eval()
+    assert loaded.config.moe == cfg
+    idx = torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx)[0], loaded(idx)[0])

@@ -1,0 +1,438 @@
+"""
+Tokenizers for the model families PESC upcycles, and the chat templates that wrap them.
+
+Three kinds of tokenizer file, told apart by their content, never by their name:
+- "tiktoken": Llama 3's tokenizer.model, text lines of `<base64 token> <rank>`; 256 special
+  tokens follow the ranks (128000.. for Llama 3, 256.. for the byte-level demo file).
+- "sentencepiece": the binary protobuf tokenizer.model of Llama 2, Mistral and Yi.
+- "bpe": byte-level BPE from vocab.json + merges.txt (Qwen, so Qwen2idae), run by tiktoken with
+  the token ids as BPE ranks.
+Text a user gives is never parsed for special tokens: "<|eot_id|>" typed in a prompt stays text.
+Chat templates ("camelidae", "llama2", "llama3", "chatml") insert their special tokens as ids and
+return a target mask that is True exactly on the tokens a model must learn to produce.
+"""
+
+import base64
+import json
+import os
+import re
+import unicodedata
+
+import sentencepiece
+import tiktoken
+
+# Llama 3's pre-tokenizer split, and Qwen2's: the same but one digit at a time.
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+TEMPLATES = ("camelidae", "llama2", "llama3", "chatml")
+DEFAULT_TEMPLATE = {"tiktoken": "llama3", "bpe": "chatml", "sentencepiece": "llama2"}
+# Tokens that end a generation whenever a tokenizer has them (the eos id always does).
+STOP_NAMES = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# tiktoken's regex engine overflows its stack on very long runs of whitespace (or of
+# non-whitespace), e.g. a million spaces; such runs are cut into slices of this many characters
+# and encoded slice by slice, as Meta's own Llama 3 tokenizer does.
+MAX_RUN_CHARS = 25_000
+LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS, MAX_RUN_CHARS))
+
+
+def llama3_specials(first_id):
+    """Names -> ids of Llama 3's 256 special tokens, which start right after the BPE ranks.
+
+    Returns (canonical, aliases). The canonical names are Llama 3.0's, except the three slots
+    Llama 3.1 gave a meaning to, which carry their 3.1 names; their 3.0 names are the aliases.
+    """
+    names = ["<|begin_of_text|>", "<|end_of_text|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(4)]
+    names += ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+    assert len(names) == 256
+    aliases = {}
+    for offset, name in ((4, "<|finetune_right_pad_id|>"), (8, "<|eom_id|>"), (10, "<|python_tag|>")):
+        aliases[names[offset]] = first_id + offset
+        names[offset] = name
+    return {name: first_id + i for i, name in enumerate(names)}, aliases
+
+
+def write_byte_tokenizer(path):
+    """Write a tiktoken file whose 256 ranks are the single bytes (vocab 256 + 256 specials = 512)."""
+    with open(path, "w") as f:
+        for b in range(256):
+            f.write(f"{base64.b64encode(bytes([b])).decode()} {b}\n")
+    return path
+
+
+def byte_to_unicode():
+    """GPT-2's table that gives each byte a printable character, as vocab.json spells tokens."""
+    # Printable latin-1 bytes stand for themselves; the other 68 bytes are moved to 256, 257, ...
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + moved)
+            moved += 1
+    return table
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def added_tokens(config, config_path):
+    """{name: id} from an HF tokenizer_config.json's added_tokens_decoder (and added_tokens.json)."""
+    tokens = {}
+    for key, entry in config.get("added_tokens_decoder", {}).items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str) and key.isdigit()):
+            raise ValueError(f"{config_path}: added_tokens_decoder[{key!r}] should be {{\"content\": str}} under an integer id")
+        tokens[entry["content"]] = int(key)
+    extra = os.path.join(os.path.dirname(config_path), "added_tokens.json")
+    if os.path.isfile(extra):
+        for name, id in read_json(extra).items():
+            if not isinstance(id, int):
+                raise ValueError(f"{extra}: id of {name!r} should be an integer, got {id!r}")
+            tokens[name] = id
+    return tokens
+
+
+def template_from_config(value, config_path):
+    """The template a tokenizer_config.json's chat_template names: one of TEMPLATES, or the
+    Jinja template an HF checkpoint stores there, recognised by the markers it writes."""
+    if isinstance(value, list):  # HF's list form: [{"name": "default", "template": "..."}, ...]
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    if value in TEMPLATES:
+        return value
+    if isinstance(value, str):
+        for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"),
+                             ("### Human", "camelidae"), ("[INST]", "llama2")):
+            if marker in value:
+                return name
+    raise ValueError(f"{config_path}: chat_template is none of {TEMPLATES} and not a Jinja template using "
+                     f"their markers; pass Tokenizer(..., template=NAME)")
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class Tokenizer:
+    """A tokenizer file or a checkpoint directory holding one; see the module docstring."""
+
+    def __init__(self, path, template=None):
+        self.path = path
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+        config, config_path, file = {}, None, path
+        if os.path.isdir(path):
+            config_path = os.path.join(path, "tokenizer_config.json")
+            config = read_json(config_path) if os.path.isfile(config_path) else {}
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: expected a JSON object")
+            # Meta's Llama 3 repos on the HF hub keep the tiktoken file under original/.
+            candidates = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")]
+            file = next((c for c in candidates if os.path.isfile(c)), None)
+            if file is None:
+                vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+                if not (os.path.isfile(vocab) and os.path.isfile(merges)):
+                    raise FileNotFoundError(f"{path}: holds neither tokenizer.model nor vocab.json + merges.txt")
+                self._load_bpe(vocab, merges, added_tokens(config, config_path))
+        if file is not None:
+            with open(file, "rb") as f:
+                data = f.read()
+            if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", data.split(b"\n", 1)[0].strip()):
+                self._load_tiktoken(file, data)
+            else:
+                added = added_tokens(config, config_path) if config_path else {}
+                self._load_sentencepiece(file, data, added)
+
+        # id -> name for decode; the canonical names come first so that aliases do not win
+        self._special_names = {}
+        for name, id in self._specials.items():
+            self._special_names.setdefault(id, name)
+        self.stop_ids = sorted({self.eos_id} | {self._specials[n] for n in STOP_NAMES if n in self._specials})
+        if template is None and "chat_template" in config:
+            template = template_from_config(config["chat_template"], config_path)
+        self.template = template or DEFAULT_TEMPLATE[self.kind]
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {self.template!r}; expected one of {TEMPLATES}")
+
+    # ----------------------------------------------------------------------------------------
+    # loading
+
+    def _load_tiktoken(self, file, data):
+        # Parsed by hand rather than with tiktoken.load.load_tiktoken_bpe to name the bad line.
+        ranks = {}
+        for line_no, line in enumerate(data.decode("ascii", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # also binascii.Error
+                raise ValueError(f"{file}:{line_no}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)):
+            raise ValueError(f"{file}: the ranks of its {n} tokens are not exactly 0..{n - 1}")
+        canonical, aliases = llama3_specials(first_id=n)
+        self.kind = "tiktoken"
+        self._tt = tiktoken.Encoding(os.path.basename(file), pat_str=LLAMA3_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=canonical)
+        self._specials = {**canonical, **aliases}
+        self.vocab_size = n + len(canonical)
+        self.bos_id = canonical["<|begin_of_text|>"]
+        self.eos_id = canonical["<|end_of_text|>"]
+        self.pad_id = canonical["<|finetune_right_pad_id|>"]
+
+    def _load_sentencepiece(self, file, data, added):
+        try:
+            # An empty file parses as an empty protobuf, so check that pieces were read.
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=data) if data.strip() else None
+        except RuntimeError:
+            self._sp = None
+        if self._sp is None or self._sp.get_piece_size() == 0:
+            raise ValueError(f"{file}: neither a tiktoken BPE file (lines of '<base64> <rank>') nor a SentencePiece "
+                             f"model (for byte-level BPE pass the directory holding vocab.json and merges.txt)")
+        sp = self._sp
+        self.kind = "sentencepiece"
+        # sp.encode never produces control pieces (<s>, </s>, Mistral's [INST]...), so they are the
+        # specials; tokens an HF checkpoint added past the model's pieces (sparsetral's
+        # <|im_start|>) join them.
+        self._specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+        self._specials.update({name: id for name, id in added.items() if id >= sp.get_piece_size()})
+        self.vocab_size = max([sp.get_piece_size(), *[id + 1 for id in self._specials.values()]])
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
+        if self.eos_id is None:
+            raise ValueError(f"{file}: SentencePiece model defines no eos piece")
+
+    def _load_bpe(self, vocab_file, merges_file, added):
+        vocab = read_json(vocab_file)
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{vocab_file}: expected a JSON object of token -> id")
+        for token, id in vocab.items():
+            if not isinstance(id, int) or id < 0:
+                raise ValueError(f"{vocab_file}: id of {token!r} should be a non-negative integer, got {id!r}")
+        to_byte = {c: b for b, c in byte_to_unicode().items()}
+        # Specials: added tokens, else Qwen's three, taken from vocab.json when it lists them and
+        # otherwise appended after the last id (which gives SPEC's 151643.. for Qwen's vocab).
+        specials = dict(added)
+        for name in QWEN_SPECIALS:
+            if name not in specials:
+                specials[name] = vocab[name] if name in vocab else max([*vocab.values(), *specials.values()]) + 1
+        ranks = {}
+        for token, id in vocab.items():
+            if token in specials:
+                continue
+            if any(c not in to_byte for c in token):
+                raise ValueError(f"{vocab_file}: token {token!r} is not spelled in the byte-level alphabet")
+            ranks[bytes(to_byte[c] for c in token)] = id
+        if len(set(ranks.values())) != len(ranks):
+            raise ValueError(f"{vocab_file}: two tokens share an id")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{vocab_file}: byte-level vocab lacks the single byte 0x{missing[0]:02x}")
+        clash = set(specials.values()) & set(ranks.values())
+        if clash:
+            raise ValueError(f"{vocab_file}: special token id {min(clash)} is also an ordinary token's id")
+        # tiktoken merges the adjacent pair whose result has the lowest rank, HF the pair listed
+        # first in merges.txt; with ids as ranks the two agree only if the merges come in id order.
+        with open(merges_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        last_id = -1
+        for line_no, line in enumerate(lines, 1):
+            if not line or line.startswith("#version"):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2 or "".join(pair) not in vocab:
+                raise ValueError(f"{merges_file}:{line_no}: expected two tokens whose join is in vocab.json, got {line!r}")
+            id = vocab["".join(pair)]
+            if id <= last_id:
+                raise ValueError(f"{merges_file}:{line_no}: merge {line!r} makes id {id} after id {last_id}; "
+                                 f"merges out of id order cannot run with ids as BPE ranks")
+            last_id = id
+        self.kind = "bpe"
+        self._tt = tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(vocab_file))),
+                                     pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        self._specials = specials
+        self.vocab_size = max([*ranks.values(), *specials.values()]) + 1
+        self.bos_id = None  # Qwen has no BOS
+        self.eos_id = specials["<|endoftext|>"]
+        self.pad_id = specials["<|endoftext|>"]  # as Qwen pads; padding is masked out anyway
+
+    # ----------------------------------------------------------------------------------------
+    # text <-> ids
+
+    def encode(self, text, bos=False, eos=False):
+        """Token ids of text; special-token names in the text stay plain text. bos is a no-op
+        for tokenizers without one (Qwen)."""
+        if self.kind == "sentencepiece":
+            ids = self._sp.encode(text)
+        else:
+            if self.kind == "bpe":
+                text = unicodedata.normalize("NFC", text)  # Qwen's tokenizer normalises to NFC first
+            ids, start = [], 0
+            for run in LONG_RUN.finditer(text):
+                for cut in range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS):
+                    ids += self._tt.encode_ordinary(text[start:cut])
+                    start = cut
+            ids += self._tt.encode_ordinary(text[start:])
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids):
+        """Text of ids, special tokens written as their names. A cut-off UTF-8 sequence (a
+        streamed prefix) decodes to U+FFFD instead of raising."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: id {bad[0]} is outside the vocabulary (size {self.vocab_size}) of {self.path}")
+        if self.kind != "sentencepiece":
+            try:
+                return self._tt.decode_bytes(ids).decode("utf-8", errors="replace")
+            except KeyError as e:  # an id in a gap of a BPE vocab
+                raise ValueError(f"decode: {e.args[0]} (no such token in {self.path})") from None
+        # sp.decode drops control pieces, so cut the ids at the specials and name those ourselves
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self._special_names:
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                if i is not None:
+                    out.append(self._special_names[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+    def special_id(self, name):
+        """Id of a special token by name, e.g. special_id("<|eot_id|>") -> 128009."""
+        if name not in self._specials:
+            raise KeyError(f"{name!r} is not a special token of {self.path} ({self.kind})")
+        return self._specials[name]
+
+    # ----------------------------------------------------------------------------------------
+    # chat templates
+
+    def encode_plain(self, text):
+        """(ids, mask) for plain training text (Camelidae `corpus` records): bos + text + eos,
+        every token after bos a target."""
+        ids = self.encode(text, bos=True, eos=True)
+        return ids, [i > 0 or self.bos_id is None for i in range(len(ids))]
+
+    def encode_chat(self, messages, template=None, add_generation_prompt=False):
+        """(ids, target_mask) of a conversation, messages = [{"role", "content"}, ...].
+
+        target_mask[i] is True on assistant content and the token that ends its turn (</s>,
+        <|eot_id|>, <|im_end|>); ChatML's "\\n" after <|im_end|> is not a target (the model
+        has stopped by then). add_generation_prompt=True ends the ids with the open assistant
+        header. For camelidae and llama2 a user turn always ends in that header
+        ("### Assistant:\\n", "[/INST]"), so there the flag only checks that the last message
+        is the user's.
+        """
+        template = template or self.template
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
+                raise ValueError(f"message {i}: expected {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}")
+            if m["role"] == "system" and i > 0:
+                raise ValueError(f"message {i}: a system message may only come first")
+        if not messages:
+            raise ValueError("encode_chat: no messages")
+        has_system = messages[0]["role"] == "system"
+        system = messages[0]["content"] if has_system else None
+
+        # parts: (special id or text, is_target); text between two specials is encoded as one string
+        parts = []
+        if template in ("camelidae", "llama2"):
+            turns = messages[1:] if has_system else messages
+            for i, m in enumerate(turns):
+                if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+                    raise ValueError(f"{template}: message {i + has_system} should be from the "
+                                     f"{'user' if i % 2 == 0 else 'assistant'}; the turns must alternate, user first")
+            if not turns:
+                raise ValueError(f"{template}: needs a user message")
+            if add_generation_prompt and turns[-1]["role"] != "user":
+                raise ValueError(f"{template}: add_generation_prompt needs the last message to be the user's")
+            pairs = [(turns[i]["content"], turns[i + 1]["content"] if i + 1 < len(turns) else None)
+                     for i in range(0, len(turns), 2)]
+            if template == "camelidae":
+                # <s> once, then every turn continues the same text (Camelidae's format)
+                parts.append((self.bos_id, False))
+                if system is not None:
+                    parts.append((f"### System:\n{system}\n", False))
+                for user, answer in pairs:
+                    parts.append((f"### Human:\n{user}\n### Assistant:\n", False))
+                    if answer is not None:
+                        parts += [(answer, True), (self.eos_id, True)]
+            else:
+                # Meta's Llama 2 chat: the system block goes inside the first [INST], contents
+                # are stripped, and every finished turn is <s>[INST] u [/INST] a </s> encoded
+                # as one string (encoding " a " alone would give SentencePiece a second "▁").
+                for i, (user, answer) in enumerate(pairs):
+                    if i == 0 and system is not None:
+                        user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+                    parts += [(self.bos_id, False), (f"[INST] {user.strip()} [/INST]", False)]
+                    if answer is not None:
+                        parts += [(f" {answer.strip()} ", True), (self.eos_id, True)]
+        elif template == "llama3":
+            start, end, eot = (self.special_id(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+            parts.append((self.bos_id, False))
+            for m in messages:
+                target = m["role"] == "assistant"
+                parts += [(start, False), (m["role"], False), (end, False), ("\n\n", False),
+                          (m["content"].strip(), target), (eot, target)]  # Meta strips contents
+            if add_generation_prompt:
+                parts += [(start, False), ("assistant", False), (end, False), ("\n\n", False)]
+        else:  # chatml
+            im_start, im_end = self.special_id("<|im_start|>"), self.special_id("<|im_end|>")
+            # A tokenizer with a BOS (sparsetral's Mistral one) starts with it, as its base model
+            # always saw; Qwen has none.
+            parts.append((self.bos_id, False))
+            for m in messages:
+                target = m["role"] == "assistant"
+                parts += [(im_start, False), (m["role"] + "\n", False), (m["content"], target),
+                          (im_end, target), ("\n", False)]
+            if add_generation_prompt:
+                parts += [(im_start, False), ("assistant\n", False)]
+        return self._encode_parts([p for p in parts if p[0] is not None])
+
+    def _encode_parts(self, parts):
+        """ids and mask of [(special id | text, is_target), ...]. Consecutive texts are encoded
+        as one string, so the ids are those of the whole text; a text part's tokens are found
+        by encoding the text up to its end and keeping what agrees with the whole (a token
+        that straddles two parts goes to the later one)."""
+        ids, mask, run = [], [], []
+        for piece, target in parts + [(None, False)]:
+            if isinstance(piece, str):
+                run.append((piece, target))
+                continue
+            if run:
+                whole = self.encode("".join(text for text, _ in run))
+                text, start = "", 0
+                for k, (part, part_target) in enumerate(run):
+                    text += part
+                    end = len(whole) if k == len(run) - 1 else common_prefix(self.encode(text), whole)
+                    mask += [part_target] * max(end - start, 0)
+                    start = max(start, end)
+                ids += whole
+                run = []
+            if piece is not None:
+                ids.append(piece)
+                mask.append(target)
+        assert len(ids) == len(mask)
+        return ids, mask
