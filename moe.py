@@ -103,34 +103,74 @@ def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, 
     return y + (a.view(N, k, -1) * weights[..., None].to(y.dtype)).sum(1)
 
 
-def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=64):
+def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=128):
     """Fast path in plain PyTorch: sort the (token, slot) pairs by expert, grouped matmuls.
 
     Each expert's rows are padded to whole tiles of `block` rows, so every tile belongs to one
-    expert and the tiles run as one batched matmul against their expert's weights. All shapes
-    are static (the tile count is an upper bound), so there is no host synchronisation; at most
-    E tiles are padding. Autograd gives every gradient."""
+    expert and all tiles run as one batched matmul against their expert's weights. Every shape
+    is static (the tile count is an upper bound, at most E tiles are padding), so there is no
+    host synchronisation. Data moves only by gathers, forward and backward (scatters are slow)."""
     N, k = experts.shape
-    E, r, D = down.shape
-    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
-    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot)
-    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    tok = order // k  # token of each sorted pair
+    E = down.shape[0]
+    NK, dev = N * k, y.device
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
     e_sorted = flat[order]
     counts = torch.bincount(flat, minlength=E)  # (E,)
     padded = (counts + block - 1) // block * block
+    pend = torch.cumsum(padded, 0)
     start = torch.cumsum(counts, 0) - counts  # first sorted pair of each expert
-    pstart = torch.cumsum(padded, 0) - padded  # first padded row of each expert
-    rows = pstart[e_sorted] + torch.arange(N * k, device=y.device) - start[e_sorted]  # (N*k,)
-    n_tiles = -(-N * k // block) + E  # sum_e ceil(counts_e / block) never exceeds this
-    tile_start = torch.arange(n_tiles, device=y.device) * block
-    tile_expert = torch.searchsorted(torch.cumsum(padded, 0), tile_start, right=True).clamp(max=E - 1)
+    rows = pend[e_sorted] - padded[e_sorted] + torch.arange(NK, device=dev) - start[e_sorted]  # padded row
+    n_tiles = -(-NK // block) + E  # sum_e ceil(counts_e / block) never exceeds this
+    P = n_tiles * block
+    row_of = torch.empty_like(rows).scatter_(0, order, rows)  # (N*k,) padded row of each pair
+    src = torch.full((P,), N, device=dev).scatter_(0, rows, order // k)  # token of each row (N: padding)
+    pair = torch.full((P,), NK, device=dev).scatter_(0, rows, order)  # pair of each row (NK: padding)
+    tile_expert = torch.searchsorted(pend, torch.arange(n_tiles, device=dev) * block, right=True).clamp(max=E - 1)
 
-    x = yd.new_zeros(n_tiles * block, D).index_copy(0, rows, yd.index_select(0, tok))
-    h = F.gelu(torch.bmm(x.view(n_tiles, block, D), down[tile_expert].transpose(1, 2)))  # (tiles, block, r)
-    a = torch.bmm(h, up[tile_expert].transpose(1, 2)).view(-1, D)  # (tiles * block, D)
-    w = (scaling * weights.reshape(-1)[order]).to(y.dtype)  # (N*k,)
-    return y.index_add(0, tok, a.index_select(0, rows) * w[:, None])
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    sw = (scaling * weights).to(y.dtype)  # (N, k)
+    return y + _GroupedAdapters.apply(yd, sw, down, up, src, row_of.view(N, k), pair, tile_expert)
+
+
+class _GroupedAdapters(torch.autograd.Function):
+    """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows, with a hand-written
+    backward that gathers instead of scattering (autograd would scatter-add N*k x dim rows)."""
+
+    @staticmethod
+    def forward(ctx, x, sw, down, up, src, row_of, pair, tile_expert):
+        N, D = x.shape
+        k = sw.shape[1]
+        n_tiles, P = tile_expert.numel(), src.numel()
+        X = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(n_tiles, P // n_tiles, D)
+        Wd, Wu = down.index_select(0, tile_expert), up.index_select(0, tile_expert)  # (tiles, r, D), (tiles, D, r)
+        Z = torch.bmm(X, Wd.transpose(1, 2))  # (tiles, block, r)
+        A = torch.bmm(F.gelu(Z), Wu.transpose(1, 2)).view(P, D)
+        A_sel = A.index_select(0, row_of.view(-1)).view(N, k, D)  # back to (token, slot) order
+        ctx.save_for_backward(X, Z, A_sel, sw, Wd, Wu, row_of, pair, tile_expert)
+        ctx.num_experts = down.shape[0]
+        return torch.bmm(sw.unsqueeze(1), A_sel).squeeze(1)  # (N, D): sum over the k slots
+
+    @staticmethod
+    def backward(ctx, g):
+        X, Z, A_sel, sw, Wd, Wu, row_of, pair, tile_expert = ctx.saved_tensors
+        N, k, D = A_sel.shape
+        n_tiles, block, r = Z.shape
+        g = g.contiguous()
+        d_sw = torch.bmm(A_sel, g.unsqueeze(2)).squeeze(2)  # (N, k)
+        dA = (sw.unsqueeze(2) * g.unsqueeze(1)).view(N * k, D)
+        dA = torch.cat([dA, dA.new_zeros(1, D)]).index_select(0, pair).view(n_tiles, block, D)
+        d_up = torch.bmm(dA.transpose(1, 2), F.gelu(Z))  # (tiles, D, r)
+        # exact GELU: d/dz z*Phi(z) = Phi(z) + z*phi(z)
+        dZ = torch.bmm(dA, Wu) * (0.5 * (1 + torch.erf(Z * 0.5**0.5)) + Z * torch.exp(-0.5 * Z * Z) * (2 * math.pi) ** -0.5)
+        d_down = torch.bmm(dZ.transpose(1, 2), X)  # (tiles, r, D)
+        dX = torch.bmm(dZ, Wd).view(n_tiles * block, D)
+        dx = dX.index_select(0, row_of.view(-1)).view(N, k, D).sum(1)
+        # sum the tiles of each expert: a (E, tiles) one-hot matmul beats index_add_ on the CPU
+        onehot = F.one_hot(tile_expert, ctx.num_experts).T.to(dX.dtype)  # (E, tiles)
+        d_down = (onehot @ d_down.view(n_tiles, -1)).view(-1, r, D)
+        d_up = (onehot @ d_up.view(n_tiles, -1)).view(-1, D, r)
+        return dx, d_sw, d_down, d_up, None, None, None, None
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
