@@ -467,24 +467,33 @@ def write_checkpoint(path, config: dict, state: dict, max_shard_bytes: int = 5 *
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        shards, current, size = [], {}, 0
+        # write each shard as soon as it is full, so memory holds one shard, not the model;
+        # shards get their final "-of-N" names once N is known
+        written, current, size = [], {}, 0  # written: (temp file name, {key: nbytes})
+
+        def flush():
+            name = f"shard-{len(written):05d}.tmp"
+            save_file(current, os.path.join(tmp, name), metadata={"format": "pt"})
+            written.append((name, {k: t.numel() * t.element_size() for k, t in current.items()}))
+
         for k, t in state.items():
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
+                flush()
                 current, size = {}, 0
             current[k], size = t, size + nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        flush()
+        current = None
+        if len(written) == 1:
+            os.rename(os.path.join(tmp, written[0][0]), os.path.join(tmp, "model.safetensors"))
         else:
             weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                for k, t in shard.items():
+            for i, (tmp_name, sizes) in enumerate(written):
+                name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                os.rename(os.path.join(tmp, tmp_name), os.path.join(tmp, name))
+                for k, nbytes in sizes.items():
                     weight_map[k] = name
-                    total += t.numel() * t.element_size()
+                    total += nbytes
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
