@@ -113,6 +113,8 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     N, k = experts.shape
     E = down.shape[0]
     NK, dev = N * k, y.device
+    # few rows (decoding): shrink the tiles so padding stays small; 1 row per tile = a plain gather
+    block = min(block, 1 << max(0, (NK // E).bit_length() - 1))
     flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
     e_sorted = flat[order]
