@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import moe
-from model import FeedForward
-from moe import PESCConfig, PESCFeedForward
+from model import FeedForward, ModelConfig, Transformer
+from moe import PESCConfig, PESCFeedForward, pesc_layers, upcycle
+from sample import DTYPES, generate
 
 
 def timeit(fn, warmup=2, iters=5, device="cpu"):
@@ -96,14 +97,81 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
+# Decoding (issue 5)
 
-SECTIONS = {"moe": bench_moe}
+
+def bench_decode(args):
+    """Greedy decode tokens/s of a small model (dim 512, 8 layers, vocab 32000), batch 1.
+
+    "kv_cache": sample.generate, one token per step through the cache; the prefill is left out
+    (timed from the first new token to the last). "recompute": the whole sequence through the
+    model again for every new token, as without a cache. Dense, then PESC (8 experts top-2,
+    adapter_dim 64). args needs .device; optional .dtype (fp32|bf16|fp16; default fp32 on CPU,
+    bf16 on CUDA), .prompt_len (16), .new_tokens (48). Returns {kind: {"kv_cache", "recompute"}}."""
+    device = torch.device(args.device)
+    dtype = DTYPES.get(getattr(args, "dtype", None) or "", torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompt_len, new_tokens = getattr(args, "prompt_len", 16), getattr(args, "new_tokens", 48)
+    config = ModelConfig(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1408,
+                         max_seq_len=prompt_len + new_tokens)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def cached(model, prompt, n):
+        stamps = []
+
+        def on_token(ids):
+            sync()
+            stamps.append(time.perf_counter())
+
+        generate(model, prompt, n, temperature=0, on_token=on_token)
+        return (n - 1) / (stamps[-1] - stamps[0])  # tokens after the first, over their time
+
+    @torch.no_grad()
+    def recompute(model, prompt, n):
+        seq = prompt
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits, _ = model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        sync()
+        return n / (time.perf_counter() - t0)
+
+    print(f"decode: dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size}, batch 1, "
+          f"prompt {prompt_len} + {new_tokens} new tokens, greedy, {device} {str(dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads")
+    results = {}
+    for kind in ("dense", "pesc"):
+        torch.manual_seed(0)
+        model = Transformer(config)
+        if kind == "pesc":
+            upcycle(model, PESCConfig(num_experts=8, top_k=2, adapter_dim=64, adapter_dropout=0.0))
+            with torch.no_grad():
+                for ff in pesc_layers(model):
+                    ff.adapter_up.normal_(0, 0.02)  # non-zero experts, as after training
+        model = model.to(device=device, dtype=dtype).eval()
+        prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
+        cached(model, prompt, 4), recompute(model, prompt, 4)  # warm-up: allocator, kernels, caches
+        r = {"kv_cache": cached(model, prompt, new_tokens), "recompute": recompute(model, prompt, new_tokens)}
+        results[kind] = r
+        print(f"  {kind:<6} KV cache {r['kv_cache']:8.1f} tokens/s   recompute {r['recompute']:8.1f} tokens/s   "
+              f"cache speed-up {r['kv_cache'] / r['recompute']:.1f}x")
+    print(f"  PESC / dense with the KV cache: {results['pesc']['kv_cache'] / results['dense']['kv_cache']:.2f}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"moe": bench_moe, "decode": bench_decode}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     args = p.parse_args()
     for name in args.only.split(","):
         if name not in SECTIONS:
