@@ -9,11 +9,14 @@ machine, the date and the command.
 """
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+import kernels
+import model
 import moe
 from model import FeedForward, ModelConfig, Transformer
 from moe import PESCConfig, PESCFeedForward, pesc_layers, upcycle
@@ -163,8 +166,132 @@ def bench_decode(args):
 
 
 # -----------------------------------------------------------------------------
+# Triton kernels vs their PyTorch twins (issue 7, GPU)
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode}
+
+def bench_kernels(args):
+    """Each Triton kernel vs its twin (forward + backward, ms and peak memory), then one PESC FFN
+    layer at Camelidae-8x7B sizes vs the dense frozen FFN, with the kernels on and off.
+
+    Both sides run the model's own code (model.py, moe.py); PESC_KERNELS picks the path."""
+    if args.device != "cuda":
+        print("[kernels] skipped: the Triton kernels are timed on a GPU (--device cuda)")
+        return {}
+    if kernels.triton is None:
+        print("[kernels] skipped: Triton is not installed")
+        return {}
+    dev, dt = "cuda", torch.bfloat16
+    D, F_, E, k, r, N = 4096, 11008, 8, 2, 512, 8192  # Camelidae-8x7B (Llama-2-7B base), 8192 tokens
+    B, T, H, hd, V = 16, 512, 32, 128, 32000  # the same tokens as 16 sequences of 512
+    torch.manual_seed(0)
+
+    def randn(*shape, grad=False, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_(grad)
+
+    def fwd_bwd(fn, inputs, params=()):
+        """A step: fn(*inputs), then backward into the inputs (and params) that need a gradient."""
+        wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad] + list(params)
+        with torch.no_grad():  # fixed random output gradients of the right shapes
+            out = fn(*inputs)
+        grads = [torch.randn_like(o) for o in (out if isinstance(out, tuple) else (out,))]
+
+        def step():
+            out = fn(*inputs)
+            torch.autograd.grad(out if isinstance(out, tuple) else (out,), wrt, grads)
+        return step
+
+    def measure(step):
+        """(median ms, peak MiB above what the inputs already hold); the first call compiles."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        return 1e3 * timeit(step, device="cuda"), peak
+
+    # the kernels' inputs, as the model produces them
+    norm = model.RMSNorm(D, 1e-5).to(dev, dt).requires_grad_(False)  # a frozen base norm
+    x, resid = randn(N, D, grad=True), randn(N, D, grad=True)
+    a, b = randn(N, F_, grad=True), randn(N, F_, grad=True)
+    qkv = randn(B, T, 3 * H * hd, grad=True)
+    angles = torch.arange(T, device=dev).float()[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, device=dev) / hd)
+    cos, sin = angles.cos()[None], angles.sin()[None]  # (1, T, hd/2)
+    h, lm_head = randn(N, D, grad=True), randn(V, D, scale=0.02)  # the LM head is frozen in PESC
+    targets = torch.randint(0, V, (N,), device=dev)
+    y = randn(N, D, grad=True)
+    weights, experts = moe.route(torch.randn(N, E, device=dev), k)
+    weights.requires_grad_()
+    down, up = randn(E, r, D, grad=True, scale=D ** -0.5), randn(E, D, r, grad=True, scale=0.02)
+
+    def rope(qkv):  # q: a strided view of the fused projection
+        return model.apply_rope(qkv.view(B, T, 3 * H, hd)[:, :, :H], cos, sin)
+
+    def lm_loss(h):  # as Transformer.forward computes the loss
+        if kernels.use_triton(h):
+            return kernels.linear_cross_entropy(h, lm_head, targets)
+        return model.cross_entropy(F.linear(h, lm_head), targets)
+
+    def adapters(y, weights, down, up):  # Camelidae: s = 0.25, dropout 0.1, training
+        return moe.adapter_experts(y, weights, experts, down, up, 0.25, 0.1, True)
+
+    cases = [
+        ("rms_norm + residual", norm, (x, resid)),
+        ("swiglu", model.swiglu, (a, b)),
+        ("apply_rope (q of qkv)", rope, (qkv,)),
+        (f"linear_cross_entropy V={V}", lm_loss, (h,)),
+        (f"adapter_experts E={E} k={k} r={r}", adapters, (y, weights, down, up)),
+    ]
+    # the twin of adapter_experts is moe's sorted PyTorch path; the per-expert loop is the reference
+    loop = ("  adapter loop (reference)", lambda y, w, d, u: moe.adapter_experts_loop(y, w, experts, d, u, 0.25, 0.1, True),
+            (y, weights, down, up))
+
+    saved = os.environ.get("PESC_KERNELS")
+    results = {}
+    try:
+        print(f"[kernels] {torch.cuda.get_device_name()}, bf16, N={N} tokens, dim={D}, ffn={F_}; "
+              f"forward+backward, median of 5; MiB = peak above the inputs")
+        print(f"  {'':32s} {'triton ms':>10s} {'twin ms':>9s} {'speedup':>8s} {'triton MiB':>11s} {'twin MiB':>9s}")
+        for name, fn, inputs in cases:
+            row = {}
+            for mode in ("triton", "torch"):
+                os.environ["PESC_KERNELS"] = mode
+                row[mode] = measure(fwd_bwd(fn, inputs))
+            (t_ms, t_mib), (p_ms, p_mib) = row["triton"], row["torch"]
+            results[name] = dict(triton_ms=t_ms, twin_ms=p_ms, triton_mib=t_mib, twin_mib=p_mib)
+            print(f"  {name:32s} {t_ms:10.2f} {p_ms:9.2f} {p_ms / t_ms:7.2f}x {t_mib:11.0f} {p_mib:9.0f}")
+        l_ms, l_mib = measure(fwd_bwd(*loop[1:]))
+        results["adapter_loop"] = dict(ms=l_ms, mib=l_mib)
+        print(f"  {loop[0]:32s} {'':10s} {l_ms:9.2f} {'':8s} {'':11s} {l_mib:9.0f}")
+
+        # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
+        # and adapters only (the FFN is frozen), training mode (adapter dropout on).
+        ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
+        layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+        with torch.no_grad():
+            layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
+        trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
+        xl = randn(B, T, D, grad=True)
+        print(f"  PESC layer (E={E}, k={k}, r={r}, s=0.25, dropout 0.1) vs dense frozen FFN, {B}x{T} tokens:")
+        for mode in ("triton", "torch"):
+            os.environ["PESC_KERNELS"] = mode
+            d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
+            p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
+            results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
+            label = "kernels" if mode == "triton" else "twins  "
+            print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
+                  f" | PESC / dense = {p_ms / d_ms:.3f}")
+    finally:
+        if saved is None:
+            os.environ.pop("PESC_KERNELS", None)
+        else:
+            os.environ["PESC_KERNELS"] = saved
+    return results
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels}
 
 
 def main():
