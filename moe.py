@@ -125,46 +125,50 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     rows = pend[e_sorted] - padded[e_sorted] + torch.arange(NK, device=dev) - start[e_sorted]  # padded row
     n_tiles = -(-NK // block) + E  # sum_e ceil(counts_e / block) never exceeds this
     P = n_tiles * block
-    row_of = torch.empty_like(rows).scatter_(0, order, rows)  # (N*k,) padded row of each pair
-    src = torch.full((P,), N, device=dev).scatter_(0, rows, order // k)  # token of each row (N: padding)
-    pair = torch.full((P,), NK, device=dev).scatter_(0, rows, order)  # pair of each row (NK: padding)
+    row_of = torch.empty_like(rows).scatter_(0, order, rows).view(N, k)  # padded row of each pair
+    # padding rows read token 0 with weight 0: finite, and they contribute nothing anywhere
+    pair = torch.zeros(P, dtype=torch.long, device=dev).scatter_(0, rows, order)  # pair of each row
+    real = torch.zeros(P, dtype=torch.bool, device=dev).scatter_(0, rows, True)
     tile_expert = torch.searchsorted(pend, torch.arange(n_tiles, device=dev) * block, right=True).clamp(max=E - 1)
 
     yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
     sw = (scaling * weights).to(y.dtype)  # (N, k)
-    return y + _GroupedAdapters.apply(yd, sw, down, up, src, row_of.view(N, k), pair, tile_expert)
+    return y + _GroupedAdapters.apply(yd, sw, down, up, pair, real, row_of, tile_expert)
 
 
 class _GroupedAdapters(torch.autograd.Function):
-    """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows, with a hand-written
-    backward that gathers instead of scattering (autograd would scatter-add N*k x dim rows)."""
+    """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows. The hand-written backward
+    moves dim-sized rows only by gathers (autograd would scatter-add them), and scales by the
+    routing weight on the small r-sized side, so no (N*k, dim) product is ever formed."""
 
     @staticmethod
-    def forward(ctx, x, sw, down, up, src, row_of, pair, tile_expert):
+    def forward(ctx, x, sw, down, up, pair, real, row_of, tile_expert):
         N, D = x.shape
         k = sw.shape[1]
-        n_tiles, P = tile_expert.numel(), src.numel()
-        X = torch.cat([x, x.new_zeros(1, D)]).index_select(0, src).view(n_tiles, P // n_tiles, D)
+        n_tiles, P = tile_expert.numel(), pair.numel()
+        src = pair // k  # token of each row
+        sw_row = (sw.reshape(-1)[pair] * real).view(n_tiles, -1, 1)  # (tiles, block, 1), 0 on padding
+        X = x.index_select(0, src).view(n_tiles, P // n_tiles, D)
         Wd, Wu = down[tile_expert], up[tile_expert]  # (tiles, r, D), (tiles, D, r); index_select is slow on 3-D
         Z = torch.bmm(X, Wd.transpose(1, 2))  # (tiles, block, r)
-        A = torch.bmm(F.gelu(Z), Wu.transpose(1, 2)).view(P, D)
-        A_sel = A.index_select(0, row_of.view(-1)).view(N, k, D)  # back to (token, slot) order
-        ctx.save_for_backward(X, Z, A_sel, sw, Wd, Wu, row_of, pair, tile_expert)
+        A = torch.bmm(F.gelu(Z) * sw_row, Wu.transpose(1, 2)).view(P, D)  # rows already scaled by s*w
+        ctx.save_for_backward(X, Z, sw_row, Wd, Wu, src, row_of, tile_expert)
         ctx.num_experts = down.shape[0]
-        return torch.bmm(sw.unsqueeze(1), A_sel).squeeze(1)  # (N, D): sum over the k slots
+        return A.index_select(0, row_of.view(-1)).view(N, k, D).sum(1)  # (N, D): add the k slots
 
     @staticmethod
     def backward(ctx, g):
-        X, Z, A_sel, sw, Wd, Wu, row_of, pair, tile_expert = ctx.saved_tensors
-        N, k, D = A_sel.shape
+        X, Z, sw_row, Wd, Wu, src, row_of, tile_expert = ctx.saved_tensors
+        N, k = row_of.shape
         n_tiles, block, r = Z.shape
-        g = g.contiguous()
-        d_sw = torch.bmm(A_sel, g.unsqueeze(2)).squeeze(2)  # (N, k)
-        dA = (sw.unsqueeze(2) * g.unsqueeze(1)).view(N * k, D)
-        dA = torch.cat([dA, dA.new_zeros(1, D)]).index_select(0, pair).view(n_tiles, block, D)
-        d_up = torch.bmm(dA.transpose(1, 2), F.gelu(Z))  # (tiles, D, r)
+        D = X.shape[-1]
+        G = g.contiguous().index_select(0, src).view(n_tiles, block, D)  # each row's output gradient
+        UtG = torch.bmm(G, Wu)  # (tiles, block, r) = U_e^T g
+        H = F.gelu(Z)
+        d_sw = (UtG * H).sum(-1).view(-1)[row_of.view(-1)].view(N, k)
+        d_up = torch.bmm(G.transpose(1, 2), H * sw_row)  # (tiles, D, r)
         # exact GELU: d/dz z*Phi(z) = Phi(z) + z*phi(z)
-        dZ = torch.bmm(dA, Wu) * (0.5 * (1 + torch.erf(Z * 0.5**0.5)) + Z * torch.exp(-0.5 * Z * Z) * (2 * math.pi) ** -0.5)
+        dZ = UtG * sw_row * (0.5 * (1 + torch.erf(Z * 0.5**0.5)) + Z * torch.exp(-0.5 * Z * Z) * (2 * math.pi) ** -0.5)
         d_down = torch.bmm(dZ.transpose(1, 2), X)  # (tiles, r, D)
         dX = torch.bmm(dZ, Wd).view(n_tiles * block, D)
         dx = dX.index_select(0, row_of.view(-1)).view(N, k, D).sum(1)
