@@ -289,15 +289,65 @@ def bench_kernels(args):
     return results
 
 
+def bench_model(args):
+    """Training step tokens/s and MFU of a Llama-2-7B-shaped PESC model (Camelidae-8x7B settings,
+    first `--layers` layers, bf16): Triton kernels, their PyTorch twins, and the twins with the
+    official loop-over-experts dispatch as the baseline. GPU only."""
+    if args.device != "cuda":
+        print("[model] skipped: full-model training throughput is measured on a GPU (--device cuda)")
+        return {}
+    B, T = 8, 512
+    cfg = ModelConfig.from_preset("llama2-7b", n_layers=args.layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        net = upcycle(Transformer(cfg).to(torch.bfloat16), PESCConfig.from_preset("camelidae-8x7b"))
+    with torch.no_grad():
+        for ff in pesc_layers(net):
+            ff.adapter_up.normal_(0, 0.02)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    peak = 989e12  # H100/H200 dense bf16 peak, the usual MFU denominator
+
+    def step():
+        _, loss = net(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    saved_env, saved_fn = os.environ.get("PESC_KERNELS"), moe.adapter_experts
+    results = {}
+    try:
+        for name, mode, loop in (("kernels", "triton", False), ("twins", "torch", False), ("loop", "torch", True)):
+            os.environ["PESC_KERNELS"] = mode
+            moe.adapter_experts = (lambda y, w, e, d, u, s, p=0.0, tr=False: moe.adapter_experts_loop(y, w, e, d, u, s, p, tr)) if loop else saved_fn
+            torch.cuda.reset_peak_memory_stats()
+            dt = timeit(step, warmup=2, iters=5, device="cuda")
+            tps = B * T / dt
+            results[name] = dict(tokens_per_s=tps, mfu=net.estimate_mfu(tps, T, peak),
+                                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            r = results[name]
+            print(f"[model] llama2-7b x {cfg.n_layers} layers PESC 8x top-2 r=512 bf16 B={B} T={T} {name:8s}: "
+                  f"{tps:9.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB")
+    finally:
+        moe.adapter_experts = saved_fn
+        if saved_env is None:
+            os.environ.pop("PESC_KERNELS", None)
+        else:
+            os.environ["PESC_KERNELS"] = saved_env
+    return results
+
+
 # -----------------------------------------------------------------------------
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels}
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers in the 'model' section")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     args = p.parse_args()
     for name in args.only.split(","):
