@@ -181,6 +181,9 @@ class _GroupedAdapters(torch.autograd.Function):
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
     """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else sorted torch."""
+    # trainers keep fp32 master weights under bf16 autocast; both paths compute in y's dtype, and
+    # casting here (outside their hand-written backward passes) hands the gradients back in fp32
+    down, up = down.to(y.dtype), up.to(y.dtype)
     if kernels.use_triton(y):
         return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
     return adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p, training)

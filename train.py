@@ -1,0 +1,719 @@
+"""
+Instruction-tune a LLaMA-family checkpoint into a PESC model (or a dense LoRA / full baseline).
+
+    python train.py                                          # the built-in CPU demo (below)
+    python train.py --init_from CKPT --data DATA.json --out_dir out/run
+    torchrun --standalone --nproc_per_node=8 train.py --init_from CKPT --data DATA.json
+
+A dense --init_from is upcycled (moe.upcycle) with the PESC options; a PESC one keeps its
+experts and trains on. Only trainable tensors go to AdamW. --batch_size and --grad_accum_steps
+are per rank: one optimizer step sees batch_size * grad_accum_steps * world_size rows.
+
+out_dir ends up holding a standalone project checkpoint (config.json, model.safetensors, the
+tokenizer; LoRA merged) that sample.py and convert.py read, metrics.jsonl, and train_state/
+(the trainable tensors, optimizer, RNG states, data position, options, base fingerprint) that
+--resume continues from exactly.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+import moe
+from data import IGNORE_INDEX, InstructionData
+from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Options
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser():
+    # Defaults follow the official PESC recipe (SPEC.md section 1) where it has one.
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
+    p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
+    p.add_argument("--data", default="", help="PESC/Camelidae JSON, Alpaca JSON or chat JSONL")
+    p.add_argument("--out_dir", default="out/pesc")
+    p.add_argument("--mode", default="pesc", choices=["pesc", "lora", "full"],
+                   help="pesc: routers + adapters (+ LoRA); lora, full: the dense baselines")
+    g = p.add_argument_group("PESC (used when upcycling a dense checkpoint)")
+    g.add_argument("--num_experts", type=int, default=8)
+    g.add_argument("--top_k", type=int, default=2)
+    g.add_argument("--adapter_dim", type=int, default=512)
+    g.add_argument("--adapter_scaling", type=float, default=0.25)
+    g.add_argument("--adapter_dropout", type=float, default=0.1)
+    g.add_argument("--aux_loss_coef", type=float, default=0.01)
+    g.add_argument("--z_loss_coef", type=float, default=0.0)
+    g = p.add_argument_group("LoRA on the base linears (pesc: 0 turns it off; lora: required)")
+    g.add_argument("--lora_rank", type=int, default=64)
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.1)
+    g.add_argument("--lora_targets", default="q,k,v,o,gate,up,down")
+    g = p.add_argument_group("data")
+    g.add_argument("--template", default="", help="chat template; default: the checkpoint tokenizer's")
+    g.add_argument("--seq_len", type=int, default=512)
+    g.add_argument("--pack", default=True, **flag, help="pack several examples per row")
+    g.add_argument("--no_pack", dest="pack", action="store_false", help="same as --pack false")
+    g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
+    g.add_argument("--grad_accum_steps", type=int, default=16, help="micro-batches per step, per rank")
+    g.add_argument("--max_iters", type=int, default=0, help="optimizer steps; 0: --epochs decides")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--min_lr", type=float, default=0.0, help="end of the cosine schedule")
+    g.add_argument("--warmup_iters", type=int, default=200)
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--grad_clip", type=float, default=0.3, help="max grad norm; 0: no clipping")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval_interval", type=int, default=200)
+    g.add_argument("--save_interval", type=int, default=500, help="0: save at the end only")
+    g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
+    g.add_argument("--compile", default=False, **flag)
+    g.add_argument("--grad_checkpointing", default=False, **flag)
+    g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
+    return p
+
+
+_UNSET = object()
+
+
+def parse_args(argv):
+    """(options, names of the options given on the command line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parser.set_defaults(**{k: _UNSET for k in vars(args)})
+    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
+    return args, given
+
+
+# Options that may differ when resuming: they do not change what is computed step by step.
+RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
+                     "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data"}
+
+# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def fingerprint(ckpt_dir):
+    """A hash of a checkpoint: config.json, each safetensors header, and 16 slices of 64 KiB
+    spread over each file. Cheap for a 70B model, and two fine-tunes of one architecture
+    (same headers) still differ in the sampled bytes."""
+    h = hashlib.sha256()
+    with open(os.path.join(ckpt_dir, "config.json"), "rb") as f:
+        h.update(f.read())
+    for fname in checkpoint_files(ckpt_dir):
+        size = os.path.getsize(fname)
+        h.update(f"{os.path.basename(fname)}:{size}".encode())
+        with open(fname, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")  # safetensors: header length, then the JSON header
+            h.update(f.read(n))
+            for i in range(16):
+                f.seek((size - 65536) * i // 15 if size > 65536 else 0)
+                h.update(f.read(65536))
+    return h.hexdigest()
+
+
+def file_hash(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def get_lr(it, total, args):
+    """Linear warmup to --lr, then constant or cosine down to --min_lr at the last step."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / (args.warmup_iters + 1)
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
+
+
+def aux_term(model):
+    """The auxiliary part of the model's loss (0 for a dense model), to report the LM loss."""
+    if model.config.moe is None:
+        return 0.0
+    c, s = model.config.moe, model.router_stats
+    return c.aux_loss_coef * s["aux_loss"] + c.z_loss_coef * s["z_loss"]
+
+
+def setup_model(args, device, ptdtype, log):
+    """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
+    model = Transformer.from_pretrained(args.init_from, device=device)
+    file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
+    for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
+        p.data = p.data.to(ptdtype)
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                lora_targets=targets)
+    if args.mode == "pesc" and model.config.moe is None:
+        cfg = moe.PESCConfig(num_experts=args.num_experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
+                             adapter_scaling=args.adapter_scaling, adapter_dropout=args.adapter_dropout,
+                             aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef, **lora)
+        moe.upcycle(model, cfg)
+        log(f"upcycled the dense checkpoint: {cfg.num_experts} experts, top-{cfg.top_k}, "
+            f"adapter_dim {cfg.adapter_dim}, scaling {cfg.adapter_scaling}")
+    elif args.mode == "pesc":
+        # A PESC checkpoint keeps its experts; the training knobs come from the options.
+        old = model.config.moe
+        has_lora = any(isinstance(m, moe.LoRALinear) for m in model.modules())
+        if has_lora and args.lora_rank != old.lora_rank:
+            raise ValueError(f"{args.init_from} holds unmerged LoRA of rank {old.lora_rank}; --lora_rank is "
+                             f"{args.lora_rank}")
+        cfg = replace(old, adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef,
+                      z_loss_coef=args.z_loss_coef, **lora)
+        for m in moe.pesc_layers(model):
+            m.config = cfg
+        model.config = replace(model.config, moe=cfg)
+        model.requires_grad_(False)
+        if cfg.lora_rank > 0 and not has_lora:
+            moe.add_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        for m in moe.pesc_layers(model):
+            for p in (m.router.weight, m.adapter_down, m.adapter_up):
+                p.requires_grad_(True)
+        log(f"continuing the PESC checkpoint: {old.num_experts} experts, top-{old.top_k}, "
+            f"adapter_dim {old.adapter_dim} (its architecture wins over the PESC options)")
+    elif args.mode == "lora":
+        if model.config.moe is not None:
+            raise ValueError(f"--mode lora is the dense baseline, but {args.init_from} is a PESC checkpoint")
+        if args.lora_rank <= 0:
+            raise ValueError("--mode lora needs --lora_rank > 0")
+        model.requires_grad_(False)
+        moe.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:  # full
+        model.requires_grad_(True)
+    for m in model.modules():  # new LoRA modules were made in the base dtype
+        if isinstance(m, moe.LoRALinear):
+            m.lora_a.requires_grad_(True)
+            m.lora_b.requires_grad_(True)
+    # Trainable tensors live in fp32 (the optimizer's master copy); autocast computes in ptdtype.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model.to(device), file_dtype
+
+
+def enable_grad_checkpointing(model):
+    """Recompute each block's activations in the backward pass, from outside the model."""
+    for block in model.layers:
+        block.forward = (lambda f: lambda *a, **kw: checkpoint(f, *a, use_reentrant=False, **kw))(block.forward)
+
+
+def trainable_state(model):
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(path, model, optimizer, meta, rng_states):
+    """Write train_state/ atomically: a temporary directory renamed over the old one."""
+    from safetensors.torch import save_file
+
+    tmp = tempfile.mkdtemp(prefix=".tmp-train_state-", dir=os.path.dirname(path))
+    try:
+        save_file({n: t.contiguous() for n, t in trainable_state(model).items()},
+                  os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(rng_states, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_trainable(model, path):
+    """Load trainable.safetensors strictly: exactly the model's trainable tensors, same shapes."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        extra, missing = sorted(set(saved) - expected), sorted(expected - set(saved))
+        raise KeyError(f"{path}: trainable tensors do not match the model "
+                       f"(unexpected {extra[:3]}, missing {missing[:3]})")
+    with torch.no_grad():
+        for n, t in saved.items():
+            if t.shape != params[n].shape:
+                raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+            params[n].copy_(t)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
+                   "tokenizer.json")
+
+
+def export(model, out_dir, dtype, init_from, template, template_given, options):
+    """Write the final standalone checkpoint at the root of out_dir, file by file atomically.
+
+    LoRA is merged into the base weights. The tokenizer files of init_from come along, and
+    tokenizer_config.json names the chat template (when there was none, or --template chose it)."""
+    if any(isinstance(m, moe.LoRALinear) for m in model.modules()):
+        moe.merge_lora(model)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
+    try:
+        extra = [(os.path.join(init_from, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(init_from, n))]
+        if not os.path.isfile(os.path.join(init_from, "tokenizer.model")):
+            llama3_hf = os.path.join(init_from, "original", "tokenizer.model")
+            if os.path.isfile(llama3_hf):
+                extra.append((llama3_hf, "tokenizer.model"))
+        tok_cfg_path = os.path.join(init_from, "tokenizer_config.json")
+        tok_cfg = {}
+        if os.path.isfile(tok_cfg_path):
+            with open(tok_cfg_path) as f:
+                tok_cfg = json.load(f)
+        if template_given or "chat_template" not in tok_cfg:
+            tok_cfg["chat_template"] = template
+        with open(os.path.join(stage, "tokenizer_config.json"), "w") as f:
+            json.dump(tok_cfg, f, indent=2)
+        with open(os.path.join(stage, "training_args.json"), "w") as f:
+            json.dump(options, f, indent=2)
+        extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
+        ckpt = os.path.join(stage, "ckpt")
+        write_checkpoint(ckpt, model.config.to_dict(), state, extra_files=extra)
+        names = sorted(os.listdir(ckpt), key=lambda n: n == "config.json")  # config.json last
+        for old in os.listdir(out_dir):  # shards of an earlier export that this one does not have
+            if (old.startswith("model") and old.endswith((".safetensors", ".index.json"))) and old not in names:
+                os.remove(os.path.join(out_dir, old))
+        for n in names:
+            os.replace(os.path.join(ckpt, n), os.path.join(out_dir, n))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train(args, given=frozenset()):
+    """Run one training job; returns {"iter", "loss", "val_loss", "out_dir"}."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else args.device
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    try:
+        return _train(args, given, ddp, rank, world, device, device_type, master, log)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(args, given, ddp, rank, world, device, device_type, master, log):
+    state_dir = os.path.join(args.out_dir, "train_state")
+    state = None
+    if args.resume:
+        state_file = os.path.join(state_dir, "state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"--resume: {state_file} does not exist")
+        with open(state_file) as f:
+            state = json.load(f)
+        saved = state["options"]
+        for k in sorted(given - RESUME_MAY_CHANGE):
+            if getattr(args, k) != saved.get(k):
+                raise ValueError(f"--resume: --{k} is {getattr(args, k)!r} but the run in {state_dir} used "
+                                 f"{saved.get(k)!r}; an exact resume needs the same value")
+        known = vars(build_parser().parse_args([]))
+        args = argparse.Namespace(**{**known, **{k: v for k, v in saved.items() if k in known},
+                                     **{k: getattr(args, k) for k in given}, "device": args.device})
+    if not args.init_from or not args.data:
+        raise SystemExit("train.py: pass --init_from CKPT and --data FILE (or no arguments at all for the demo)")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = getattr(torch, args.dtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    log("options:\n" + "\n".join(f"  --{k} {v}" for k, v in vars(args).items()))
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+
+    # The base fingerprint and the data's hash tie a resumed run to what it started from.
+    base_fp, data_fp = fingerprint(args.init_from), file_hash(args.data)
+    if state is not None:
+        if state["base_fingerprint"] != base_fp:
+            raise ValueError(f"--resume: {args.init_from} is not the checkpoint the run in {state_dir} started "
+                             f"from (fingerprint {base_fp[:12]} != {state['base_fingerprint'][:12]})")
+        if state["data_hash"] != data_fp:
+            raise ValueError(f"--resume: {args.data} differs from the data the run in {state_dir} read")
+
+    tokenizer = Tokenizer(args.init_from, template=args.template or None)
+    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack,
+                           args.val_fraction, args.seed, log)
+    log(data.summary() + f"; template {tokenizer.template}")
+
+    # Same seed on every rank while building, so that new adapters start identical everywhere.
+    torch.manual_seed(args.seed)
+    model, file_dtype = setup_model(args, device, ptdtype, log)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    log(moe.trainable_report(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout masks
+
+    rows_per_step = args.batch_size * args.grad_accum_steps * world
+    total = args.max_iters or max(1, math.ceil(args.epochs * len(data.train_rows) / rows_per_step))
+    it, data_row = 0, 0
+    if state is not None:
+        load_trainable(model, os.path.join(state_dir, "trainable.safetensors"))
+        optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), map_location=device,
+                                             weights_only=True))
+        rng = torch.load(os.path.join(state_dir, "rng.pt"), weights_only=True)
+        if len(rng) == world:
+            torch.set_rng_state(rng[rank]["cpu"])
+            if device_type == "cuda" and rng[rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+        else:
+            log(f"warning: the run was saved by {len(rng)} ranks, now {world}: dropout masks will differ")
+        it, data_row = state["iter"], state["data_row"]
+        log(f"resumed at iteration {it} (row {data_row} of the data stream)")
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if master:  # a resumed run drops what its crashed predecessor logged past the checkpoint
+        kept = []
+        if state is not None and os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line).get("iter", 0) <= it]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def write_metrics(record):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def to_device(batch):
+        idx, targets, kw = batch
+        return idx.to(device), targets.to(device), {k: v.to(device) for k, v in kw.items()}
+
+    @torch.no_grad()
+    def evaluate():
+        """Token-weighted LM loss over the held-out rows, each rank taking its share."""
+        raw_model.eval()
+        sums = torch.zeros(2, device=device)  # loss sum, target count
+        for idx, targets, kw in map(to_device, data.val_batches(args.batch_size, rank, world)):
+            with autocast:
+                _, loss = raw_model(idx, targets, **kw)
+            n = (targets != IGNORE_INDEX).sum()
+            sums += torch.stack([(loss - aux_term(raw_model)).float() * n, n.float()])
+        if ddp:
+            dist.all_reduce(sums)
+        raw_model.train()
+        return (sums[0] / sums[1]).item() if sums[1] > 0 else None
+
+    def save(it, data_row):
+        cuda_rng = torch.cuda.get_rng_state(device) if device_type == "cuda" else None
+        rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
+        rngs = [rng]
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
+        if master:
+            meta = {"iter": it, "data_row": data_row, "options": vars(args), "base_fingerprint": base_fp,
+                    "data_hash": data_fp, "trainable": sorted(trainable_state(raw_model)), "world_size": world}
+            save_state(state_dir, raw_model, optimizer, meta, rngs)
+        return it
+
+    is_pesc = raw_model.config.moe is not None
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device_type == "cuda" else None
+    R = len(data.train_rows)
+    log(f"training {total - it} steps of {rows_per_step} rows x {args.seq_len} tokens "
+        f"(epoch {data_row / R:.2f} -> {(data_row + (total - it) * rows_per_step) / R:.2f})")
+    last_saved = it if state is not None else None
+    loss_avg, val_loss = None, None
+    t_last, tokens_since = time.time(), 0
+    model.train()
+    while it < total:
+        if data.val and args.eval_interval > 0 and it % args.eval_interval == 0:
+            t_eval = time.time()
+            val_loss = evaluate()
+            log(f"iter {it}: val loss {val_loss:.4f}")
+            write_metrics({"iter": it, "val_loss": val_loss})
+            t_last += time.time() - t_eval  # tokens/s counts training time only
+        lr = get_lr(it, total, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Summed over micro-steps (and ranks): lm loss, aux loss, z loss, tokens, (L, E) expert loads.
+        L, E = (raw_model.config.n_layers, raw_model.config.moe.num_experts) if is_pesc else (0, 0)
+        stats = torch.zeros(4 + L * E, device=device)
+        for micro in range(args.grad_accum_steps):
+            start = data_row + (rank * args.grad_accum_steps + micro) * args.batch_size
+            idx, targets, kw = to_device(data.train_batch(start, args.batch_size))
+            if ddp:
+                # All-reduce the gradients only on the last micro-step: the earlier ones just
+                # accumulate locally (what no_sync() does, without a context manager).
+                model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
+            with autocast:
+                _, loss = model(idx, targets, **kw)
+            (loss / args.grad_accum_steps).backward()
+            with torch.no_grad():
+                if is_pesc:
+                    s = raw_model.router_stats
+                    stats[:3] += torch.stack([loss - aux_term(raw_model), s["aux_loss"], s["z_loss"]]).float()
+                    stats[4:] += s["load"].reshape(-1).float()
+                else:
+                    stats[0] += loss.float()
+                stats[3] += idx.numel()  # positions computed, padding included
+        if ddp:
+            dist.all_reduce(stats)
+        stats[:3] /= args.grad_accum_steps * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        loss_now, norm_now = stats[0].item(), grad_norm.item()
+        tokens_since += stats[3].item()
+        if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
+            where = f"the last good checkpoint is {state_dir} (iteration {last_saved})" if last_saved is not None \
+                else "no checkpoint was saved yet"
+            raise RuntimeError(f"iteration {it + 1}: loss {loss_now}, grad norm {norm_now} is not finite; "
+                               f"stopping before the update; {where}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        it += 1
+        data_row += rows_per_step
+        loss_avg = loss_now if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_now
+
+        if it % args.log_interval == 0 or it == total:
+            dt = time.time() - t_last
+            tok_s = tokens_since / dt
+            record = {"iter": it, "loss": loss_now, "lr": lr, "grad_norm": norm_now, "tokens_per_sec": tok_s,
+                      "epoch": data_row / len(data.train_rows)}
+            line = f"iter {it}: loss {loss_now:.4f}"
+            if is_pesc:
+                load = stats[4:].view(L, E)
+                share = load / load.sum(-1, keepdim=True).clamp(min=1)  # (L, E) share of assignments
+                imbalance = (share.max(-1).values * E).max().item()  # busiest expert vs a fair share
+                record.update(aux_loss=stats[1].item(), z_loss=stats[2].item(), load_max_over_mean=imbalance,
+                              expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
+                line += f", aux {stats[1].item():.4f}"
+            line += f", lr {lr:.2e}, grad norm {norm_now:.4f}, {tok_s:,.0f} tok/s"
+            if peak is not None:
+                record["mfu"] = raw_model.estimate_mfu(tok_s / world, args.seq_len, peak)
+                line += f", mfu {100 * record['mfu']:.1f}%"
+            if is_pesc:
+                line += f", load max/mean {imbalance:.2f}"
+            log(line)
+            write_metrics(record)
+            t_last, tokens_since = time.time(), 0
+        if args.save_interval > 0 and it % args.save_interval == 0 and it < total:
+            last_saved = save(it, data_row)
+
+    if data.val:
+        val_loss = evaluate()
+        log(f"iter {it}: val loss {val_loss:.4f}")
+        write_metrics({"iter": it, "val_loss": val_loss})
+    save(it, data_row)
+    if master:
+        export(raw_model, args.out_dir, file_dtype, args.init_from, tokenizer.template,
+               bool(args.template), vars(args))
+        log(f"saved the {'PESC' if raw_model.config.moe is not None else 'dense'} checkpoint to {args.out_dir}")
+    return {"iter": it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir}
+
+
+# -----------------------------------------------------------------------------
+# The built-in demo: `python train.py` with no arguments, a few minutes on 2 CPU cores
+
+DEMO_DIR = "out/demo"
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def demo_word(rng):
+    """A made-up word of 4 to 7 letters, e.g. 'tomek'."""
+    word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.choice((2, 3))))
+    return word + rng.choice(("", rng.choice(CONSONANTS)))
+
+
+# The skills: name, instruction, answer. The base model is pretrained on text that shows them as
+# "Q: ... A: ..." lines; instruction tuning teaches it to answer in the chat format, and is
+# checked on words it was never instructed with.
+DEMO_TASKS = [
+    ("last letter", lambda w: f"Last letter of {w}?", lambda w: w[-1]),
+    ("last two", lambda w: f"Last two letters of {w}?", lambda w: w[-2:]),
+    ("length", lambda w: f"How many letters in {w}?", lambda w: str(len(w))),
+    ("vowel end", lambda w: f"Does {w} end in a vowel?", lambda w: "yes" if w[-1] in VOWELS else "no"),
+]
+
+
+def demo_data(data_dir, seed=0):
+    """Write the demo's generated data (PESC/Camelidae JSON) and return the held-out questions.
+
+    pretrain.json: plain-text documents (the `corpus` field) of "Q: ... A: ..." lines.
+    sft.json: instruction records (`conversation`), some with a system prompt or two turns.
+    The held-out questions use words that no instruction record contains."""
+    rng = random.Random(seed)
+    words = sorted({demo_word(rng) for _ in range(4000)})
+    rng.shuffle(words)
+    heldout_words, sft_words = words[:30], words[30:]
+
+    def question(words):
+        _, ask, answer = rng.choice(DEMO_TASKS)
+        w = rng.choice(words)
+        return ask(w), answer(w)
+
+    all_words = words + [demo_word(rng) for _ in range(4000)]  # the base sees more words than the tuning
+    # A random run of spaces before each answer: the base must find the word by its content, not
+    # at a fixed distance, so that the skill still works once the chat template moves things.
+    docs = []
+    for _ in range(3000):
+        qa = [question(all_words) for _ in range(4)]
+        lines = ["Q: %s%sA: %s" % (q, " " * rng.randint(1, 13), a) for q, a in qa]
+        docs.append({"corpus": "\n".join(lines), "dataset": "demo-pretrain", "instruction": "", "conversation": []})
+    sft = []
+    for i in range(4000):
+        turns = [dict(zip(("input", "output"), question(sft_words))) for _ in range(1 + (i % 5 == 0))]
+        system = "You are a careful assistant." if i % 4 == 0 else ""
+        sft.append({"corpus": "", "dataset": "demo-sft", "instruction": system, "conversation": turns})
+    heldout = [(name, ask(w), answer(w)) for name, ask, answer in DEMO_TASKS for w in heldout_words]
+    os.makedirs(data_dir, exist_ok=True)
+    for name, records in (("pretrain.json", docs), ("sft.json", sft)):
+        with open(os.path.join(data_dir, name), "w") as f:
+            json.dump(records, f)
+    return heldout
+
+
+@torch.no_grad()
+def demo_eval(ckpt, questions):
+    """Held-out loss on the answers, and exact-match accuracy of greedy answers per skill."""
+    from sample import generate  # the project's sampler: one batch of left-padded prompts
+
+    model = Transformer.from_pretrained(ckpt).eval()
+    tok = Tokenizer(ckpt)
+    total, count = 0.0, 0
+    for _, question, answer in questions:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        ids, target_mask = tok.encode_chat(messages)
+        targets = torch.tensor([i if m else IGNORE_INDEX for i, m in zip(ids[1:], target_mask[1:])])
+        _, loss = model(torch.tensor([ids[:-1]]), targets[None])
+        n = int((targets != IGNORE_INDEX).sum())
+        total, count = total + (loss.item() - float(aux_term(model))) * n, count + n
+    prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+               for _, q, _ in questions]
+    rows = generate(model, prompts, 8, temperature=0, stop_ids=tok.stop_ids)
+    correct, samples = {}, []
+    for (name, question, answer), prompt, row in zip(questions, prompts, rows):
+        new = [i for i in row[row >= 0].tolist()[len(prompt):] if i not in tok.stop_ids]
+        reply = tok.decode(new).strip()
+        if name not in correct:  # one example per skill
+            samples.append(f"    {question!r} -> {reply!r}" + ("" if reply == answer else f" (expected {answer!r})"))
+        correct.setdefault(name, []).append(reply == answer)
+    accuracy = {name: sum(v) / len(v) for name, v in correct.items()}
+    return total / count, accuracy, samples
+
+
+def demo():
+    """Tokenizer, tiny dense base (pretrained here), PESC instruction tuning, before/after eval."""
+    from model import ModelConfig
+    from tokenizer import write_byte_tokenizer
+
+    t0 = time.time()
+    data_dir, init_dir, base_dir = (os.path.join(DEMO_DIR, d) for d in ("data", "init", "base"))
+    print(f"PESC demo: everything goes to {DEMO_DIR}/")
+    questions = demo_data(data_dir)
+
+    # 1. A byte-level tokenizer (vocab 512 with Llama 3's specials) and a random tiny model.
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")  # dim 64, 2 layers, vocab 512: 158K parameters
+    Transformer(config).save_pretrained(init_dir)
+    write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
+    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "llama3"}, f)
+
+    # 2. Pretrain it on plain text: the dense base that PESC starts from.
+    print("\n== 1/3: pretraining the dense base on generated text (--mode full) ==")
+    train(*parse_args(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
+                       "--out_dir", base_dir, "--mode", "full", "--device", "cpu", "--seq_len", "256",
+                       "--batch_size", "8", "--grad_accum_steps", "1", "--max_iters", "2000", "--lr", "5e-3",
+                       "--lr_schedule", "cosine", "--min_lr", "5e-4", "--warmup_iters", "30", "--beta2", "0.99",
+                       "--grad_clip", "1.0", "--val_fraction", "0.02", "--eval_interval", "1000",
+                       "--log_interval", "200", "--save_interval", "0"]))
+    before = demo_eval(base_dir, questions)
+
+    # 3. Upcycle to PESC; train routers, adapters and LoRA (the official recipe's trainable parts).
+    print("\n== 2/3: upcycling to PESC and instruction tuning (--mode pesc) ==")
+    train(*parse_args(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
+                       "--out_dir", DEMO_DIR, "--mode", "pesc", "--device", "cpu", "--num_experts", "4",
+                       "--top_k", "2", "--adapter_dim", "32", "--adapter_scaling", "1.0", "--adapter_dropout", "0",
+                       "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--seq_len", "256",
+                       "--batch_size", "8", "--grad_accum_steps", "1", "--max_iters", "500", "--lr", "3e-3",
+                       "--warmup_iters", "20", "--beta2", "0.99", "--grad_clip", "1.0", "--val_fraction", "0.02",
+                       "--eval_interval", "250", "--log_interval", "50", "--save_interval", "0"]))
+    after = demo_eval(DEMO_DIR, questions)
+
+    print(f"\n== 3/3: {len(questions)} held-out instructions (words never seen in instruction tuning) ==")
+    for name, (loss, accuracy, samples) in (("dense base, before", before), ("PESC, after", after)):
+        overall = sum(accuracy.values()) / len(accuracy)
+        print(f"  {name}: held-out loss {loss:.3f}, exact match {100 * overall:.0f}% ("
+              + ", ".join(f"{task} {100 * a:.0f}%" for task, a in accuracy.items()) + ")")
+        print("\n".join(samples))
+    print(f"\ndone in {time.time() - t0:.0f} s. Chat with it:\n"
+          f"  python sample.py --ckpt {DEMO_DIR} --chat --temperature 0 --prompt 'Last letter of sapo?'")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return demo()
+    args, given = parse_args(argv)
+    return train(args, given)
+
+
+if __name__ == "__main__":
+    main()
