@@ -5,12 +5,15 @@ machine, the date and the command.
     python bench.py                      # every section that fits the device
     python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, issue 3 sizes)
     python bench.py --only decode,train  # generation and training throughput
+    python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
 """
 
 import argparse
+import multiprocessing
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +21,11 @@ import torch.nn.functional as F
 import kernels
 import model
 import moe
+from data import attention_inputs
 from model import FeedForward, ModelConfig, Transformer
-from moe import PESCConfig, PESCFeedForward, pesc_layers, upcycle
+from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
 from sample import DTYPES, generate
+from train import PEAK_FLOPS
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -308,7 +313,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = 989e12  # H100/H200 dense bf16 peak, the usual MFU denominator
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
 
     def step():
         _, loss = net(idx, idx)
@@ -340,8 +345,89 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
+# Training throughput per mode (issue 6)
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model}
+
+def bench_train(args):
+    """Training step throughput and peak memory per train.py --mode: pesc (routers + adapters),
+    pesc+lora (the official recipe's trainable parts), lora and full (the dense baselines).
+
+    Stepped as train.py steps: AdamW over the trainable tensors only (fp32 master copies, frozen
+    weights in the compute dtype), bf16 autocast on GPU, dropout as in the official recipe, rows
+    packed with 4 examples each (block-diagonal mask, train.py's default). CPU: the 'small'
+    preset (3.2M parameters). GPU: Llama-2-7B's first --layers layers, with Camelidae-8x7B's
+    PESC settings and LoRA r=64, plus MFU. Each mode runs in a fresh process, so that its peak
+    memory is its own: the CUDA allocator's peak on GPU; on CPU the peak resident memory, and
+    how much of it came on top of the idle process (torch itself holds a few hundred MiB)."""
+    ctx = multiprocessing.get_context("spawn")  # a clean process: no memory kept from a previous mode
+    results = {}
+    for mode in ("pesc", "pesc+lora", "lora", "full"):
+        with ctx.Pool(1) as pool:
+            r = results[mode] = pool.apply(train_step_bench, (mode, args.device, args.layers))
+        mem = f"peak {r['peak_mib'] / 1024:.1f} GiB" if "cuda" in args.device else \
+            f"peak RSS {r['peak_mib']:.0f} MiB (+{r['peak_above_idle_mib']:.0f} over the idle process)"
+        mfu = f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""
+        print(f"[train] {r['model']} B={r['B']} T={r['T']} packed {mode:9s}: {r['tokens_per_s']:9.0f} tokens/s{mfu}  "
+              f"{mem}  trainable {r['trainable'] / 1e6:.2f}M of {r['total'] / 1e6:.1f}M")
+    return results
+
+
+def train_step_bench(mode, device, layers):
+    """One mode of bench_train, in its own process."""
+    import resource
+
+    cuda = device.startswith("cuda")
+    idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process before the model (KiB on Linux)
+    if cuda:
+        cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
+        pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        name = f"llama2-7b x {layers} layers"
+    else:
+        cfg = ModelConfig.from_preset("small")
+        pesc, lora_rank, B, T, dtype = PESCConfig(num_experts=8, top_k=2, adapter_dim=64), 16, 8, 256, torch.float32
+        peak, name = None, "small"
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = Transformer(cfg).to(dtype)
+    if mode.startswith("pesc"):
+        upcycle(net, replace(pesc, lora_rank=lora_rank if mode == "pesc+lora" else 0))
+    elif mode == "lora":
+        net.requires_grad_(False)
+        add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), fused=cuda)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    targets = idx.roll(-1, dims=1)
+    kw = {k: v.to(device) for k, v in attention_inputs((torch.arange(T) // (T // 4)).expand(B, T)).items()}
+    autocast = torch.autocast("cuda", dtype=dtype) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            _, loss = net(idx, targets, **kw)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
+    tps = B * T / dt
+    r = dict(model=name, B=B, T=T, tokens_per_s=tps, trainable=sum(p.numel() for p in params),
+             total=net.num_params())
+    if cuda:
+        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if peak is not None:
+            r["mfu"] = net.estimate_mfu(tps, T, peak)
+    else:
+        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
+    return r
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train}
 
 
 def main():
