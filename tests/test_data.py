@@ -1,7 +1,6 @@
 """data.py: formats, loss masks for every template, packing, order and sharding, bad data."""
 
 import json
-import os
 
 import pytest
 import torch

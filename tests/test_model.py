@@ -1,7 +1,6 @@
 """model.py: parity with Hugging Face transformers, KV cache, checkpoints, presets."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -63,7 +63,7 @@ def test_all_tokens_on_one_expert_and_empty_experts():
     assert_same(fast, ref)
     grads_down = fast[1][3]
     assert grads_down[[0, 1, 2, 4, 6, 7]].abs().max() == 0  # unused experts get no gradient
-    assert grads_down[[3, 5]].abs().min() > 0 or grads_down[[3, 5]].abs().max() > 0
+    assert (grads_down[[3, 5]].flatten(1).abs().amax(1) > 0).all()  # both used experts get one
 
 
 def test_single_token():
@@ -114,7 +114,7 @@ def test_aux_loss_hand_computed():
 
 
 def test_aux_loss_is_one_at_perfect_balance():
-    E, k = 4, 2
+    E = 4
     logits = torch.zeros(8, E)  # uniform probabilities
     experts = torch.tensor([[0, 1], [2, 3]] * 4)  # every expert gets 1/4 of the assignments
     aux, _, load = router_losses(logits, experts)
