@@ -154,7 +154,7 @@ class _GroupedAdapters(torch.autograd.Function):
         A = torch.bmm(F.gelu(Z) * sw_row, Wu.transpose(1, 2)).view(P, D)  # rows already scaled by s*w
         ctx.save_for_backward(X, Z, sw_row, Wd, Wu, src, row_of, tile_expert)
         ctx.num_experts = down.shape[0]
-        return A.index_select(0, row_of.view(-1)).view(N, k, D).sum(1)  # (N, D): add the k slots
+        return _sum_slots(A, row_of)  # (N, D)
 
     @staticmethod
     def backward(ctx, g):
@@ -171,12 +171,21 @@ class _GroupedAdapters(torch.autograd.Function):
         dZ = UtG * sw_row * (0.5 * (1 + torch.erf(Z * 0.5**0.5)) + Z * torch.exp(-0.5 * Z * Z) * (2 * math.pi) ** -0.5)
         d_down = torch.bmm(dZ.transpose(1, 2), X)  # (tiles, r, D)
         dX = torch.bmm(dZ, Wd).view(n_tiles * block, D)
-        dx = dX.index_select(0, row_of.view(-1)).view(N, k, D).sum(1)
+        dx = _sum_slots(dX, row_of)
         # sum the tiles of each expert: a (E, tiles) one-hot matmul beats index_add_ on the CPU
         onehot = F.one_hot(tile_expert, ctx.num_experts).T.to(dX.dtype)  # (E, tiles)
         d_down = (onehot @ d_down.view(n_tiles, -1)).view(-1, r, D)
         d_up = (onehot @ d_up.view(n_tiles, -1)).view(-1, D, r)
         return dx, d_sw, d_down, d_up, None, None, None, None
+
+
+def _sum_slots(rows, row_of):
+    """out[n] = sum_j rows[row_of[n, j]]: one gather per slot (k of them), summed in place. On the
+    CPU this is ~4x faster than gathering all N*k rows and reducing over the slot dimension."""
+    out = rows.index_select(0, row_of[:, 0].contiguous())
+    for j in range(1, row_of.shape[1]):
+        out += rows.index_select(0, row_of[:, j].contiguous())
+    return out
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
