@@ -13,6 +13,7 @@ import argparse
 import multiprocessing
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -43,6 +44,24 @@ def timeit(fn, warmup=2, iters=7, device="cpu"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+@contextmanager
+def kernel_mode(mode, loop=False):
+    """Run the block with PESC_KERNELS=mode (and, with loop=True, the loop-over-experts dispatch
+    in place of moe.adapter_experts); restore both afterwards."""
+    saved_env, saved_fn = os.environ.get("PESC_KERNELS"), moe.adapter_experts
+    os.environ["PESC_KERNELS"] = mode
+    if loop:
+        moe.adapter_experts = moe.adapter_experts_loop  # the same signature
+    try:
+        yield
+    finally:
+        moe.adapter_experts = saved_fn
+        if saved_env is None:
+            os.environ.pop("PESC_KERNELS", None)
+        else:
+            os.environ["PESC_KERNELS"] = saved_env
 
 
 # -----------------------------------------------------------------------------
@@ -252,46 +271,39 @@ def bench_kernels(args):
     loop = ("  adapter loop (reference)", lambda y, w, d, u: moe.adapter_experts_loop(y, w, experts, d, u, 0.25, 0.1, True),
             (y, weights, down, up))
 
-    saved = os.environ.get("PESC_KERNELS")
     results = {}
-    try:
-        print(f"[kernels] {torch.cuda.get_device_name()}, bf16, N={N} tokens, dim={D}, ffn={F_}; "
-              f"forward+backward, median of 5; MiB = peak above the inputs")
-        print(f"  {'':32s} {'triton ms':>10s} {'twin ms':>9s} {'speedup':>8s} {'triton MiB':>11s} {'twin MiB':>9s}")
-        for name, fn, inputs in cases:
-            row = {}
-            for mode in ("triton", "torch"):
-                os.environ["PESC_KERNELS"] = mode
-                row[mode] = measure(fwd_bwd(fn, inputs))
-            (t_ms, t_mib), (p_ms, p_mib) = row["triton"], row["torch"]
-            results[name] = dict(triton_ms=t_ms, twin_ms=p_ms, triton_mib=t_mib, twin_mib=p_mib)
-            print(f"  {name:32s} {t_ms:10.2f} {p_ms:9.2f} {p_ms / t_ms:7.2f}x {t_mib:11.0f} {p_mib:9.0f}")
-        l_ms, l_mib = measure(fwd_bwd(*loop[1:]))
-        results["adapter_loop"] = dict(ms=l_ms, mib=l_mib)
-        print(f"  {loop[0]:32s} {'':10s} {l_ms:9.2f} {'':8s} {'':11s} {l_mib:9.0f}")
-
-        # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
-        # and adapters only (the FFN is frozen), training mode (adapter dropout on).
-        ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-        layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
-        with torch.no_grad():
-            layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
-        trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
-        xl = randn(B, T, D, grad=True)
-        print(f"  PESC layer (E={E}, k={k}, r={r}, s=0.25, dropout 0.1) vs dense frozen FFN, {B}x{T} tokens:")
+    print(f"[kernels] {torch.cuda.get_device_name()}, bf16, N={N} tokens, dim={D}, ffn={F_}; "
+          f"forward+backward, fastest of 7; MiB = peak above the inputs")
+    print(f"  {'':32s} {'triton ms':>10s} {'twin ms':>9s} {'speedup':>8s} {'triton MiB':>11s} {'twin MiB':>9s}")
+    for name, fn, inputs in cases:
+        row = {}
         for mode in ("triton", "torch"):
-            os.environ["PESC_KERNELS"] = mode
+            with kernel_mode(mode):
+                row[mode] = measure(fwd_bwd(fn, inputs))
+        (t_ms, t_mib), (p_ms, p_mib) = row["triton"], row["torch"]
+        results[name] = dict(triton_ms=t_ms, twin_ms=p_ms, triton_mib=t_mib, twin_mib=p_mib)
+        print(f"  {name:32s} {t_ms:10.2f} {p_ms:9.2f} {p_ms / t_ms:7.2f}x {t_mib:11.0f} {p_mib:9.0f}")
+    l_ms, l_mib = measure(fwd_bwd(*loop[1:]))
+    results["adapter_loop"] = dict(ms=l_ms, mib=l_mib)
+    print(f"  {loop[0]:32s} {'':10s} {l_ms:9.2f} {'':8s} {'':11s} {l_mib:9.0f}")
+
+    # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
+    # and adapters only (the FFN is frozen), training mode (adapter dropout on).
+    ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
+    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+    with torch.no_grad():
+        layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
+    trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
+    xl = randn(B, T, D, grad=True)
+    print(f"  PESC layer (E={E}, k={k}, r={r}, s=0.25, dropout 0.1) vs dense frozen FFN, {B}x{T} tokens:")
+    for mode in ("triton", "torch"):
+        with kernel_mode(mode):
             d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
             p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
-            results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
-            label = "kernels" if mode == "triton" else "twins  "
-            print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
-                  f" | PESC / dense = {p_ms / d_ms:.3f}")
-    finally:
-        if saved is None:
-            os.environ.pop("PESC_KERNELS", None)
-        else:
-            os.environ["PESC_KERNELS"] = saved
+        results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
+        label = "kernels" if mode == "triton" else "twins  "
+        print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
+              f" | PESC / dense = {p_ms / d_ms:.3f}")
     return results
 
 
@@ -321,26 +333,16 @@ def bench_model(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    saved_env, saved_fn = os.environ.get("PESC_KERNELS"), moe.adapter_experts
     results = {}
-    try:
-        for name, mode, loop in (("kernels", "triton", False), ("twins", "torch", False), ("loop", "torch", True)):
-            os.environ["PESC_KERNELS"] = mode
-            moe.adapter_experts = (lambda y, w, e, d, u, s, p=0.0, tr=False: moe.adapter_experts_loop(y, w, e, d, u, s, p, tr)) if loop else saved_fn
+    for name, mode, loop in (("kernels", "triton", False), ("twins", "torch", False), ("loop", "torch", True)):
+        with kernel_mode(mode, loop):
             torch.cuda.reset_peak_memory_stats()
             dt = timeit(step, warmup=2, iters=5, device="cuda")
-            tps = B * T / dt
-            results[name] = dict(tokens_per_s=tps, mfu=net.estimate_mfu(tps, T, peak),
+        tps = B * T / dt
+        r = results[name] = dict(tokens_per_s=tps, mfu=net.estimate_mfu(tps, T, peak),
                                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-            r = results[name]
-            print(f"[model] llama2-7b x {cfg.n_layers} layers PESC 8x top-2 r=512 bf16 B={B} T={T} {name:8s}: "
-                  f"{tps:9.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB")
-    finally:
-        moe.adapter_experts = saved_fn
-        if saved_env is None:
-            os.environ.pop("PESC_KERNELS", None)
-        else:
-            os.environ["PESC_KERNELS"] = saved_env
+        print(f"[model] llama2-7b x {cfg.n_layers} layers PESC 8x top-2 r=512 bf16 B={B} T={T} {name:8s}: "
+              f"{tps:9.0f} tokens/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:.1f} GiB")
     return results
 
 
