@@ -225,7 +225,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
 
-    def forward(self, x, valid=None):
+    def forward(self, x, valid=None):  # valid: unused here; the PESC layer shares this call
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
@@ -384,7 +384,7 @@ class Transformer(nn.Module):
             config = ModelConfig.from_dict(json.load(f), cfg_file)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v for k, v in model.state_dict().items()}
+        expected = dict(model.state_dict())
         if config.tie_embeddings:
             expected.pop("output.weight")
 
