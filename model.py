@@ -315,6 +315,9 @@ class Transformer(nn.Module):
             mask = k_pos <= q_pos
             if self.config.sliding_window is not None:
                 mask = mask & (k_pos > q_pos - self.config.sliding_window)
+        elif mask is not None and not cached and self.config.sliding_window is not None:
+            # a caller's mask (packed rows) gets the window too, measured in RoPE positions
+            mask = mask & (positions[:, :, None] - positions[:, None, :] < self.config.sliding_window)
         if mask is not None and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
 

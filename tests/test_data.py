@@ -229,19 +229,6 @@ def test_order_is_seeded_and_epochs_are_permutations(tmp_path, byte_dir):
     assert row_keys(a, R - 2, 4) == epoch0[-2:] + epoch1[:2]
 
 
-def test_rows_of_a_step_do_not_depend_on_ranks_and_accumulation(tmp_path, byte_dir):
-    # train.py reads rows step_start + ((rank * accum) + micro) * batch_size: the same rows for
-    # any world_size * accum with the same product
-    data = numbered_data(tmp_path, byte_dir)
-    B, step_start = 2, 6
-
-    def step_rows(world, accum):
-        return sorted(k for rank in range(world) for micro in range(accum)
-                      for k in row_keys(data, step_start + (rank * accum + micro) * B, B))
-
-    assert step_rows(1, 4) == step_rows(2, 2) == step_rows(4, 1)
-
-
 def test_val_split(tmp_path, byte_dir):
     a = numbered_data(tmp_path, byte_dir, n=40, val_fraction=0.1, seed=3)
     assert len(a.val) == 4 and len(a.train) == 36

@@ -88,6 +88,16 @@ def test_sliding_window_matters():
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
+def test_sliding_window_applies_to_a_given_mask():
+    # packed rows pass their own block-diagonal mask; the window must still hold inside it
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", sliding_window=5)).eval()
+    idx = torch.randint(0, 512, (1, 16))
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None]
+    with torch.no_grad():
+        assert (model(idx)[0] - model(idx, mask=causal)[0]).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("preset,window", [("tiny", None), ("tiny-qwen", None), ("tiny", 6)])
 def test_kv_cache_matches_full_forward(preset, window):
     torch.manual_seed(0)
