@@ -343,7 +343,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h:
                 torch.mm(logits, weight, out=dh[start:start + chunk])
             if grad_weight:
-                dweight.add_(logits.t() @ hc)  # fp32 accumulator: no 16-bit rounding per chunk
+                dweight.add_(logits.t() @ hc)  # each chunk's product is in h's dtype; the running sum is fp32
         ctx.save_for_backward(dh, dweight)
         ctx.weight_dtype = weight.dtype
         return loss_rows.sum() / n_valid

@@ -89,7 +89,7 @@ def check(kernel, twin, inputs, *args, ulps=None, **kwargs):
     """kernel and twin agree on every output and every input gradient."""
     dtype = max((x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()),
                 key=lambda d: torch.finfo(d).eps)
-    for i, (a, b) in enumerate(zip(run(kernel, inputs, *args, **kwargs), run(twin, inputs, *args, **kwargs))):
+    for i, (a, b) in enumerate(zip(run(kernel, inputs, *args, **kwargs), run(twin, inputs, *args, **kwargs), strict=True)):
         assert_close(a, b, f"result {i} (outputs, then input gradients)", dtype, ulps)
 
 
@@ -303,7 +303,8 @@ def test_adapter_experts(dtype, E, k):
     check(kernels.adapter_experts, adapter_experts_twin, (y, weights, experts, down, up), 0.25)
 
 
-@pytest.mark.parametrize("case", ["idle_experts", "one_expert", "single_token", "small_r", "big_batch", "frozen"])
+@pytest.mark.parametrize("case", ["idle_experts", "one_expert", "single_token", "small_r", "wide_r", "big_batch",
+                                  "frozen"])
 def test_adapter_experts_routing_cases(case):
     torch.manual_seed(0)
     N, D, R, E, k, only, grad = 20, 100, 24, 8, 2, None, True
@@ -315,6 +316,8 @@ def test_adapter_experts_routing_cases(case):
         N = 1
     elif case == "small_r":  # r=8 < 16, padded by masks up to the tl.dot minimum
         R = 8
+    elif case == "wide_r":  # r=80 > 64: several r tiles, so the partial sums over r are exercised
+        R = 80
     elif case == "big_batch":  # >= 256 rows per expert on average: the 64-row tiles
         N, D, R, E = 600, 32, 16, 4
     elif case == "frozen":  # adapters without gradients: only y and the routing weights

@@ -189,8 +189,11 @@ def test_sample_filters(kw, kept):
 
 def test_greedy_ignores_the_generator():
     logits = PROBS.log()[PERM].expand(4, -1)
-    ids = sample_next(logits, temperature=0, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    ids = sample_next(logits, temperature=0, generator=g)
     assert ids.tolist() == [PERM.tolist().index(0)] * 4
+    assert torch.equal(g.get_state(), state)  # greedy draws nothing
 
 
 # -----------------------------------------------------------------------------
