@@ -153,17 +153,6 @@ class ConvertError(Exception):
     """Bad or unsupported input. The CLI prints it as `error: ...`, without a traceback."""
 
 
-class Stream:
-    """A mapping-like face on a generator of (name, tensor), so write_checkpoint pulls one
-    tensor at a time and never holds more than one output shard."""
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-
-    def items(self):
-        return self.pairs
-
-
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -637,7 +626,7 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
         with open(tok_config_file, "w") as f:
             json.dump(tok_config, f, indent=2)
         extra = tokenizer_files(src) + [(tok_config_file, "tokenizer_config.json")]
-        write_checkpoint(out, config.to_dict(), Stream(state), max_shard_bytes, extra_files=extra, overwrite=force)
+        write_checkpoint(out, config.to_dict(), state, max_shard_bytes, extra_files=extra, overwrite=force)
     print(f"wrote {out} (chat template {template})")
     return config
 
@@ -727,7 +716,7 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
                 with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                     json.dump(d, f, indent=2)
                 extra.append((os.path.join(tmp, "tokenizer_config.json"), "tokenizer_config.json"))
-        write_checkpoint(out, config, Stream(hf_tensors(model, dtype)), max_shard_bytes,
+        write_checkpoint(out, config, hf_tensors(model, dtype), max_shard_bytes,
                          extra_files=extra, overwrite=force)
     print(f"wrote {out}")
     return config

@@ -455,12 +455,13 @@ def checkpoint_files(path) -> list:
     return [single]
 
 
-def write_checkpoint(path, config: dict, state: dict, max_shard_bytes: int = 5 * 2**30,
+def write_checkpoint(path, config: dict, state, max_shard_bytes: int = 5 * 2**30,
                      extra_files=(), overwrite: bool = True):
     """Atomically write a checkpoint directory: config.json, safetensors shards, extra files.
 
-    `state` may be any mapping of name -> tensor (read lazily in order). extra_files are
-    (source path, name) pairs copied in, e.g. the tokenizer."""
+    `state` is a dict or any iterable of (name, tensor) pairs, consumed in order, so a generator
+    streams tensors in one at a time. extra_files are (source path, name) pairs copied in, e.g.
+    the tokenizer."""
     from safetensors.torch import save_file
 
     path = os.path.abspath(path)
@@ -479,7 +480,7 @@ def write_checkpoint(path, config: dict, state: dict, max_shard_bytes: int = 5 *
             save_file(current, os.path.join(tmp, name), metadata={"format": "pt"})
             written.append((name, {k: t.numel() * t.element_size() for k, t in current.items()}))
 
-        for k, t in state.items():
+        for k, t in state.items() if isinstance(state, dict) else state:
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > max_shard_bytes:
                 flush()

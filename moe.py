@@ -266,14 +266,15 @@ def pesc_layers(model):
 def auxiliary_loss(model):
     """aux_loss_coef * mean-over-layers aux + z_loss_coef * mean z, from the last forward.
 
-    Also leaves the unweighted terms in model.router_stats for the logs."""
+    Also leaves the unweighted terms and their weighted sum in model.router_stats for the logs."""
     layers = pesc_layers(model)
     aux = torch.stack([m.stats[0] for m in layers]).mean()
     z = torch.stack([m.stats[1] for m in layers]).mean()
-    model.router_stats = {"aux_loss": aux.detach(), "z_loss": z.detach(),
-                          "load": torch.stack([m.stats[2] for m in layers])}  # (L, E) token counts
     c = layers[0].config
-    return c.aux_loss_coef * aux + c.z_loss_coef * z
+    weighted = c.aux_loss_coef * aux + c.z_loss_coef * z
+    model.router_stats = {"aux_loss": aux.detach(), "z_loss": z.detach(), "weighted": weighted.detach(),
+                          "load": torch.stack([m.stats[2] for m in layers])}  # (L, E) token counts
+    return weighted
 
 
 # -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -168,10 +169,7 @@ def get_lr(it, total, args):
 
 def aux_term(model):
     """The auxiliary part of the model's loss (0 for a dense model), to report the LM loss."""
-    if model.config.moe is None:
-        return 0.0
-    c, s = model.config.moe, model.router_stats
-    return c.aux_loss_coef * s["aux_loss"] + c.z_loss_coef * s["z_loss"]
+    return 0.0 if model.config.moe is None else model.router_stats["weighted"]
 
 
 def setup_model(args, device, ptdtype, log):
@@ -197,6 +195,8 @@ def setup_model(args, device, ptdtype, log):
         if has_lora and args.lora_rank != old.lora_rank:
             raise ValueError(f"{args.init_from} holds unmerged LoRA of rank {old.lora_rank}; --lora_rank is "
                              f"{args.lora_rank}")
+        if has_lora:  # the checkpoint's LoRA modules keep their own alpha, dropout and targets
+            lora = {f: getattr(old, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
         cfg = replace(old, adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef,
                       z_loss_coef=args.z_loss_coef, **lora)
         for m in moe.pesc_layers(model):
@@ -285,11 +285,28 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
 
     LoRA is merged into the base weights. The tokenizer files of init_from come along, and
     tokenizer_config.json names the chat template (when there was none, or --template chose it)."""
-    if any(isinstance(m, moe.LoRALinear) for m in model.modules()):
-        moe.merge_lora(model)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("output.weight")
+    # Frozen tensors are copied from init_from's files: the model held them in the compute dtype
+    # (bf16 on GPU), which would round an fp16 or fp32 base. LoRA deltas are added to the file's
+    # values in fp32.
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    deltas = {f"{n}.weight": m.scale * (m.lora_b.float() @ m.lora_a.float())
+              for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
+    moe.merge_lora(model)
+    base_file = {}
+    for fname in checkpoint_files(init_from):
+        with safe_open(fname, framework="pt") as f:
+            base_file.update((k, fname) for k in f.keys())
+
+    def tensors():  # one at a time, so the export never holds a second copy of the model
+        for k, v in model.state_dict().items():
+            if k == "output.weight" and model.config.tie_embeddings:
+                continue
+            if k in trained or k not in base_file:
+                yield k, v.detach().to(dtype).contiguous()
+                continue
+            with safe_open(base_file[k], framework="pt") as f:
+                t = f.get_tensor(k)
+            yield k, ((t.float() + deltas[k].cpu()) if k in deltas else t).to(dtype).contiguous()
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
         extra = [(os.path.join(init_from, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(init_from, n))]
@@ -310,7 +327,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
         ckpt = os.path.join(stage, "ckpt")
-        write_checkpoint(ckpt, model.config.to_dict(), state, extra_files=extra)
+        write_checkpoint(ckpt, model.config.to_dict(), tensors(), extra_files=extra)
         names = sorted(os.listdir(ckpt), key=lambda n: n == "config.json")  # config.json last
         for old in os.listdir(out_dir):  # shards of an earlier export that this one does not have
             if (old.startswith("model") and old.endswith((".safetensors", ".index.json"))) and old not in names:

@@ -101,6 +101,15 @@ def test_lr_schedule():
 # What each mode trains
 
 
+def test_bf16_run_exports_the_frozen_base_unrounded(env):
+    # training holds frozen weights in the compute dtype; the export must not round the fp32 base
+    out = env["dir"] / "bf16"
+    run(env, out, "--dtype", "bfloat16")
+    base = load_file(os.path.join(env["base"], "model.safetensors"))
+    exported = load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[k], base[k]) for k in base)
+
+
 def test_pesc_run_trains_only_routers_and_adapters(env, capsys):
     out = env["dir"] / "pesc"
     summary = run(env, out)
