@@ -535,8 +535,9 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
             dist.all_reduce(stats)
         stats[:3] /= args.grad_accum_steps * world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        loss_now, norm_now = stats[0].item(), grad_norm.item()
-        tokens_since += stats[3].item()
+        # one host sync per step: the non-finite check must come before the update
+        loss_now, norm_now, n_tokens = torch.stack([stats[0], grad_norm.float(), stats[3]]).tolist()
+        tokens_since += n_tokens
         if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
             where = f"the last good checkpoint is {state_dir} (iteration {last_saved})" if last_saved is not None \
                 else "no checkpoint was saved yet"
