@@ -32,6 +32,7 @@ import torch
 
 import moe
 from model import ModelConfig, Transformer, write_checkpoint
+from tokenizer import Tokenizer, tokenizer_files
 from moe import PESCConfig
 
 # -----------------------------------------------------------------------------
@@ -145,10 +146,6 @@ HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.fl
 
 # Files a tokenizer may need, copied along in both directions. The tokenizer itself reads
 # tokenizer.model (SentencePiece or tiktoken) or vocab.json + merges.txt; the rest is for HF.
-TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json",
-                   "added_tokens.json", "special_tokens_map.json")
-
-
 class ConvertError(Exception):
     """Bad or unsupported input. The CLI prints it as `error: ...`, without a traceback."""
 
@@ -551,19 +548,8 @@ def chat_template(family: str, kind, vocab_size: int) -> str:
     return "llama2"  # SentencePiece: Llama 2, Mistral, Yi
 
 
-def tokenizer_files(src):
-    """(source path, name) of the tokenizer files in src, Llama 3's original/tokenizer.model included."""
-    files = [(os.path.join(src, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-    nested = os.path.join(src, "original", "tokenizer.model")  # Meta's files in an HF Llama 3 repo
-    if not os.path.isfile(os.path.join(src, "tokenizer.model")) and os.path.isfile(nested):
-        files.append((nested, "tokenizer.model"))
-    return files
-
-
 def tokenizer_kind(src, vocab_size: int):
     """The tokenizer kind in src ('tiktoken', 'sentencepiece', 'bpe'), or None with a warning."""
-    from tokenizer import Tokenizer
-
     try:
         tok = Tokenizer(src, template="llama2")  # the template is not needed here
     except (OSError, ValueError, KeyError) as e:

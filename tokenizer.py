@@ -56,6 +56,20 @@ def llama3_specials(first_id):
     return {name: first_id + i for i, name in enumerate(names)}, aliases
 
 
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "added_tokens.json",
+                   "special_tokens_map.json")
+
+
+def tokenizer_files(src):
+    """(source path, name) of the tokenizer files in directory src, to copy beside a checkpoint;
+    Llama 3's original/tokenizer.model (where HF repos keep Meta's file) counts as tokenizer.model."""
+    files = [(os.path.join(src, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    nested = os.path.join(src, "original", "tokenizer.model")
+    if not os.path.isfile(os.path.join(src, "tokenizer.model")) and os.path.isfile(nested):
+        files.append((nested, "tokenizer.model"))
+    return files
+
+
 def write_byte_tokenizer(path):
     """Write a tiktoken file whose 256 ranks are the single bytes (vocab 256 + 256 specials = 512)."""
     with open(path, "w") as f:

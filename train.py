@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 import moe
 from data import IGNORE_INDEX, InstructionData
 from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_files
 
 # -----------------------------------------------------------------------------
 # Options
@@ -276,10 +276,6 @@ def load_trainable(model, path):
             params[n].copy_(t)
 
 
-TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
-                   "tokenizer.json")
-
-
 def export(model, out_dir, dtype, init_from, template, template_given, options):
     """Write the final standalone checkpoint at the root of out_dir, file by file atomically.
 
@@ -309,11 +305,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
             yield k, ((t.float() + deltas[k].cpu()) if k in deltas else t).to(dtype).contiguous()
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
-        extra = [(os.path.join(init_from, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(init_from, n))]
-        if not os.path.isfile(os.path.join(init_from, "tokenizer.model")):
-            llama3_hf = os.path.join(init_from, "original", "tokenizer.model")
-            if os.path.isfile(llama3_hf):
-                extra.append((llama3_hf, "tokenizer.model"))
+        extra = tokenizer_files(init_from)
         tok_cfg_path = os.path.join(init_from, "tokenizer_config.json")
         tok_cfg = {}
         if os.path.isfile(tok_cfg_path):
