@@ -83,6 +83,32 @@ def test_dropout_uses_the_same_mask_in_both_paths():
     assert (fast[0] - no_drop[0]).abs().max() > 1e-3  # dropout did something
 
 
+def test_interleaved_calls_do_not_share_state():
+    # the fast path keeps scratch buffers between calls (moe._scratch): two calls of different
+    # sizes, both forwards before either backward, backwards in the other order, as two layers
+    # of a model do, must each equal the reference loop
+    big, small = make_case(300, 32, 8, 8, 2, seed=8), make_case(45, 32, 4, 8, 2, seed=9)
+
+    def start(fn, x, y, router, down, up, k):
+        weights, chosen = route(x @ router.T, k)
+        out = fn(y, weights, chosen, down, up, 0.5)
+        return out, (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum()
+
+    fast = [start(adapter_experts_sorted, *case, 2) for case in (big, small)]
+    fast_grads = [torch.autograd.grad(loss, list(case)) for (_, loss), case in reversed(list(zip(fast, (big, small))))]
+    for (out, _), grads, case in zip(fast, reversed(fast_grads), (big, small)):
+        assert_same((out.detach(), grads), run(adapter_experts_loop, *case, 2))
+
+
+def test_fast_path_under_torch_compile():
+    # train.py and sample.py offer --compile; the scratch buffers must stay out of the traced graph
+    # (aot_eager runs the same tracing and autograd as inductor, without a C++ compiler)
+    case = make_case(37, 24, 4, 6, 2, seed=11)
+    torch._dynamo.reset()
+    compiled = torch.compile(adapter_experts_sorted, backend="aot_eager")
+    assert_same(run(compiled, *case, 2), run(adapter_experts_loop, *case, 2))
+
+
 def test_route_is_softmax_over_topk():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     w, e = route(logits, 2)
