@@ -32,17 +32,25 @@ from train import PEAK_FLOPS
 def timeit(fn, warmup=2, iters=7, device="cpu"):
     """Fastest of `iters` timed calls of fn(), in seconds, after `warmup` calls. The minimum, not
     the mean: on a shared machine noise only ever adds time."""
+    return race([fn], warmup, iters, device)[0]
+
+
+def race(fns, warmup=2, iters=7, device="cpu"):
+    """timeit for several functions whose times are compared: the calls take turns (round robin),
+    so a slow spell of the machine falls on all of them rather than on whichever ran then."""
     for _ in range(warmup):
-        fn()
-    best = float("inf")
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -107,11 +115,9 @@ def bench_moe(args):
             fn(y, w, e, layer.adapter_down, layer.adapter_up, 0.25).backward(g.view(N, D))
         return step
 
-    t_dense = timeit(dense_step, device=dev)
-    t_pesc = timeit(pesc_step, device=dev)
-    t_fast = timeit(moe_part(moe.adapter_experts_sorted), device=dev)
-    t_loop = timeit(moe_part(moe.adapter_experts_loop), device=dev)
-    t_mask = timeit(moe_part(adapter_experts_dense), device=dev)
+    t_dense, t_pesc = race([dense_step, pesc_step], device=dev)
+    parts = [moe.adapter_experts_sorted, moe.adapter_experts_loop, adapter_experts_dense]
+    t_fast, t_loop, t_mask = race([moe_part(fn) for fn in parts], device=dev)
     flop_ratio = (3 * F_ + (k * 2 * r + E) * 1.5) / (3 * F_)  # adapters/router also get weight grads
     res = dict(dense_ms=1e3 * t_dense, pesc_ms=1e3 * t_pesc, ratio=t_pesc / t_dense, flop_ratio=flop_ratio,
                moe_sorted_ms=1e3 * t_fast, moe_loop_ms=1e3 * t_loop, moe_dense_masked_ms=1e3 * t_mask,
