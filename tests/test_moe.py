@@ -54,16 +54,19 @@ def test_default_tile_size_matches_loop():
     assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
 
 
-def test_all_tokens_on_one_expert_and_empty_experts():
-    N, D, E, r, k = 29, 16, 8, 4, 2
+@pytest.mark.parametrize("chosen", [[3], [3, 5]])
+def test_all_tokens_on_one_expert_and_empty_experts(chosen):
+    # k=1: every token on expert 3; k=2: every token on experts 3 and 5; the rest get nothing
+    N, D, E, r, k = 29, 16, 8, 4, len(chosen)
     case = make_case(N, D, E, r, k, seed=5)
-    experts = torch.tensor([[3, 5]] * N)  # experts 0,1,2,4,6,7 get nothing; 3 and 5 get all
+    experts = torch.tensor([chosen] * N)
     fast = run(lambda *a: adapter_experts_sorted(*a, block=8), *case, k, experts=experts)
     ref = run(adapter_experts_loop, *case, k, experts=experts)
     assert_same(fast, ref)
     grads_down = fast[1][3]
-    assert grads_down[[0, 1, 2, 4, 6, 7]].abs().max() == 0  # unused experts get no gradient
-    assert (grads_down[[3, 5]].flatten(1).abs().amax(1) > 0).all()  # both used experts get one
+    unused = [e for e in range(E) if e not in chosen]
+    assert grads_down[unused].abs().max() == 0  # unused experts get no gradient
+    assert (grads_down[chosen].flatten(1).abs().amax(1) > 0).all()  # every used expert gets one
 
 
 def test_single_token():
