@@ -223,7 +223,8 @@ def _scratch(name, shape, like):
     n = math.prod(shape)
     buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-        buf = torch.empty(n, dtype=like.dtype)
+        with torch.inference_mode(False):  # an inference tensor could not be written outside one
+            buf = torch.empty(n, dtype=like.dtype)
         setattr(_SCRATCH, name, buf)
     return buf[:n].view(shape)
 

@@ -103,6 +103,15 @@ def test_interleaved_calls_do_not_share_state():
         assert_same((out.detach(), grads), run(adapter_experts_loop, *case, 2))
 
 
+def test_training_after_inference_mode():
+    # a first call under torch.inference_mode must not leave scratch that training cannot write
+    moe._SCRATCH.__dict__.clear()  # start without buffers, so the first call allocates them
+    x, y, router, down, up = case = make_case(300, 32, 8, 8, 2, seed=3)
+    with torch.inference_mode():
+        adapter_experts_sorted(y, *route(x @ router.T, 2), down, up, 0.5)
+    assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
+
+
 def test_fast_path_under_torch_compile():
     # train.py and sample.py offer --compile; the scratch buffers must stay out of the traced graph
     # (aot_eager runs the same tracing and autograd as inductor, without a C++ compiler)
