@@ -621,6 +621,10 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
 # Export
 
 
+_OFFICIAL_CLASSES = {"camelidae": ("CamelidaeConfig", "LlamaForCausalLM"),
+                     "qwen2idae": ("Qwen2idaeConfig", "Qwen2ForCausalLM")}
+
+
 def hf_config(config: ModelConfig, dtype) -> dict:
     """An HF config.json for a project config: Llama, Mistral (sliding window), Qwen2 (q/k/v
     bias); for PESC, Camelidae-style (Qwen2idae-style on a q/k/v-bias base)."""
@@ -647,7 +651,11 @@ def hf_config(config: ModelConfig, dtype) -> dict:
         hf.update(use_sliding_window=False, sliding_window=None)
     if c.moe is not None:
         p = c.moe
-        hf["model_type"] = "qwen2idae" if c.qkv_bias else "camelidae"
+        hf["model_type"] = family = "qwen2idae" if c.qkv_bias else "camelidae"
+        # the official code's classes (what its merge scripts write): with its two .py files put
+        # beside config.json, transformers loads the export with trust_remote_code=True
+        hf["auto_map"] = {"AutoConfig": f"configuration_{family}.{_OFFICIAL_CLASSES[family][0]}",
+                          "AutoModelForCausalLM": f"modeling_{family}.{_OFFICIAL_CLASSES[family][1]}"}
         hf.update(num_experts=p.num_experts, topk=p.top_k, adapter_dim=p.adapter_dim,
                   moe_scaling=p.adapter_scaling, adapter_dropout=p.adapter_dropout,
                   moe_dtype=HF_DTYPE_NAMES[dtype], output_router_logits=False)
@@ -705,6 +713,9 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
         write_checkpoint(out, config, hf_tensors(model, dtype), max_shard_bytes,
                          extra_files=extra, overwrite=force)
     print(f"wrote {out}")
+    if "auto_map" in config:
+        print(f"to load it with the official {config['model_type']} code, put its configuration_*.py and "
+              f"modeling_*.py files in {out} (config.json's auto_map names them)")
     return config
 
 

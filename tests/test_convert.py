@@ -504,7 +504,10 @@ def test_pesc_import_export(case, tmp_path):
     export_hf(out, back)
     assert_same_tensors(original, read_hf_files(back), tied=False)
     exported = read_json(back / "config.json")
-    assert exported["model_type"] == ("qwen2idae" if case == "qwen2idae" else "camelidae")
+    family = "qwen2idae" if case == "qwen2idae" else "camelidae"
+    assert exported["model_type"] == family
+    assert exported["auto_map"]["AutoModelForCausalLM"] == \
+        f"modeling_{family}.{'Qwen2ForCausalLM' if family == 'qwen2idae' else 'LlamaForCausalLM'}"
     assert {k: exported[k] for k in ("num_experts", "topk", "adapter_dim", "moe_scaling", "adapter_dropout")} == \
         dict(num_experts=E, topk=spec["top_k"], adapter_dim=R, moe_scaling=spec["scaling"],
              adapter_dropout=0.0 if case == "sparsetral" else 0.1)
