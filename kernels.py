@@ -75,9 +75,9 @@ def _rms_norm_fwd(x_ptr, r_ptr, w_ptr, h_ptr, out_ptr, rstd_ptr, M, D, eps,
     offs = rows[:, None] * D + cols[None, :]
     h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        h_q = (h + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        h_q = (h + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs, h_q, mask=mask)
-        h = h_q.to(tl.float32)  # the twin normalises the sum as rounded to x's dtype
+        h = h_q.to(tl.float32)  # the twin normalises the sum as rounded to h's dtype
     rstd = tl.rsqrt(tl.sum(h * h, axis=1) / D + eps)  # (BLOCK_M,)
     n = (h * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
@@ -87,7 +87,7 @@ def _rms_norm_fwd(x_ptr, r_ptr, w_ptr, h_ptr, out_ptr, rstd_ptr, M, D, eps,
 
 @_jit
 def _rms_norm_bwd(dout_ptr, dh_ptr, h_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, D,
-                  HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+                  HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr, X_DTYPE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # Persistent: a few programs stride over all rows, so the weight gradient is summed in
     # registers and only (programs, D) partial sums reach memory; no atomics, deterministic.
@@ -109,9 +109,14 @@ def _rms_norm_bwd(dout_ptr, dh_ptr, h_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
             dh += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
         if WEIGHT_GRAD:  # the twin multiplies the weight by n rounded to x's dtype
-            dw += tl.sum(g * n.to(h_ptr.dtype.element_ty).to(tl.float32), axis=0)
+            dw += tl.sum(g * n.to(X_DTYPE).to(tl.float32), axis=0)
     if WEIGHT_GRAD:
         tl.store(dw_part_ptr + pid * D + cols, dw, mask=cols < D)
+
+
+# torch dtype -> Triton dtype, for the constexpr that tells the backward kernel x's dtype
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64} if triton else {}
 
 
 def _num_sms(device):
@@ -131,14 +136,16 @@ class _RMSNorm(torch.autograd.Function):
         h = x
         if residual is not None:
             residual = residual.contiguous()
-            h = torch.empty_like(x)
+            # Under autocast a layer's bf16 output x meets an fp32 residual stream (trainable
+            # embeddings): h = x + residual then has the promoted dtype, as in the twin.
+            h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         BLOCK_D = _pow2(D)
         BLOCK_M = max(1, min(64, 4096 // BLOCK_D))  # ~4K elements per program
         _rms_norm_fwd[(_cdiv(M, BLOCK_M),)](
             x, residual, weight, h, out, rstd, M, D, eps, HAS_RESIDUAL=residual is not None,
             BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_M * BLOCK_D))
         ctx.save_for_backward(h, weight, rstd)
-        ctx.blocks, ctx.has_residual = (BLOCK_M, BLOCK_D), residual is not None
+        ctx.blocks, ctx.dtypes = (BLOCK_M, BLOCK_D), (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)  # dout or dh is None when that output was not used
         return out if residual is None else (out, h)
 
@@ -148,6 +155,7 @@ class _RMSNorm(torch.autograd.Function):
         D = h.shape[-1]
         M = h.numel() // D
         BLOCK_M, BLOCK_D = ctx.blocks
+        x_dtype, r_dtype = ctx.dtypes
         dout = torch.zeros_like(h) if dout is None else dout.contiguous()
         dh = dh.contiguous() if dh is not None else None
         weight_grad = ctx.needs_input_grad[1]
@@ -156,18 +164,18 @@ class _RMSNorm(torch.autograd.Function):
         dw_part = torch.empty(programs, D, dtype=torch.float32, device=h.device) if weight_grad else None
         _rms_norm_bwd[(programs,)](
             dout, dh, h, weight, rstd, dx, dw_part, M, D, HAS_DH=dh is not None,
-            WEIGHT_GRAD=weight_grad, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            WEIGHT_GRAD=weight_grad, X_DTYPE=_TL_DTYPES[x_dtype], BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
             num_warps=_num_warps(BLOCK_M * BLOCK_D))
         dweight = dw_part.sum(0).to(weight.dtype) if weight_grad else None
-        # h = x + residual, so both get the same gradient (autograd copies before accumulating)
-        return dx, dweight, None, dx if ctx.has_residual else None
+        # h = x + residual, so both get the same gradient (autograd copies before accumulating),
+        # each in its own dtype (dx is in h's, the wider of the two)
+        return dx.to(x_dtype), dweight, None, dx.to(r_dtype) if r_dtype is not None else None
 
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm over the last dim of x (..., D); with residual, also returns h = x + residual."""
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
-                         f"x {tuple(x.shape)} {x.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},)")
     return _RMSNorm.apply(x, weight, float(eps), residual)
@@ -529,7 +537,7 @@ def _adapter_dup(dout_ptr, z_ptr, weights_ptr, dup_ptr, order_ptr, expert_start_
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     # d up[e] (D, R) = sum over expert e's rows of (s * w * dout[token]).T @ GELU(z); one program
     # per (e, D tile, R tile) loops over those rows: a reduction without atomics.
-    e = tl.program_id(0)
+    e = tl.program_id(0).to(tl.int64)  # int64: e * D * R passes int32 once E * D * r > 2**31
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
@@ -553,7 +561,7 @@ def _adapter_ddown(dz_ptr, y_ptr, ddown_ptr, order_ptr, expert_start_ptr, expert
                    D, R, K, seed, p, DROPOUT: tl.constexpr, EXACT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # d down[e] (R, D) = sum over expert e's rows of dz.T @ dropout(y)[token]
-    e = tl.program_id(0)
+    e = tl.program_id(0).to(tl.int64)  # as in _adapter_dup: e * R * D in int64
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     dd = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)

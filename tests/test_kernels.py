@@ -167,6 +167,19 @@ def test_rms_norm_fp32_weight_on_bf16():
     check(kernels.rms_norm, rms_norm_twin, (x, w, 1e-6))
 
 
+@pytest.mark.parametrize("x_dtype,r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_rms_norm_mixed_residual_dtype(x_dtype, r_dtype):
+    # full fine-tuning under bf16 autocast on a GPU: a layer's bf16 output meets the fp32 residual
+    # stream (fp32 embeddings); h = x + residual is fp32 and each input gets its gradient in its dtype
+    torch.manual_seed(0)
+    x, r, w = randn(3, 50, 48, dtype=x_dtype), randn(3, 50, 48, dtype=r_dtype), randn(48)
+    out, h = kernels.rms_norm(x, w, 1e-5, r)
+    assert out.dtype == h.dtype == torch.float32
+    check(kernels.rms_norm, rms_norm_twin, (x, w, 1e-5, r))
+    dx, dr = torch.autograd.grad(kernels.rms_norm(x, w, 1e-5, r)[0].sum(), (x, r))
+    assert dx.dtype == x_dtype and dr.dtype == r_dtype
+
+
 @pytest.mark.parametrize("used", ["out", "h"])
 def test_rms_norm_one_output_used(used):
     # backward receives None for the unused output
