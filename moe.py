@@ -104,6 +104,19 @@ def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, 
     return y + (a.view(N, k, -1) * weights[..., None].to(y.dtype)).sum(1)
 
 
+def adapter_experts_gathered(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """For a few (token, slot) pairs, as when decoding: each pair gathers its expert's weights and
+    the adapters run as one batch of one-row matmuls, with no sort and no padding. The weights
+    moved grow with the number of pairs, so from 2E pairs on the sorted path is cheaper."""
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    x = yd.repeat_interleave(k, dim=0)[:, None]  # (N*k, 1, D)
+    h = F.gelu(torch.bmm(x, down[flat].transpose(1, 2)))  # (N*k, 1, r)
+    a = torch.bmm(h, up[flat].transpose(1, 2)).view(N, k, -1)  # (N, k, D)
+    return y + (a * (scaling * weights).to(y.dtype)[..., None]).sum(1)
+
+
 def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=128):
     """Fast path in plain PyTorch: sort the (token, slot) pairs by expert, grouped matmuls.
 
@@ -230,12 +243,15 @@ def _scratch(name, shape, like):
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else sorted torch."""
+    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else plain torch
+    (sorted, or gathered per pair when there are fewer than 2E pairs)."""
     # trainers keep fp32 master weights under bf16 autocast; both paths compute in y's dtype, and
     # casting here (outside their hand-written backward passes) hands the gradients back in fp32
     down, up = down.to(y.dtype), up.to(y.dtype)
     if kernels.use_triton(y):
         return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
+    if experts.numel() < 2 * down.shape[0]:  # the sorted path would use 1-row tiles: gather instead
+        return adapter_experts_gathered(y, weights, experts, down, up, scaling, dropout_p, training)
     return adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p, training)
 
 

@@ -74,6 +74,19 @@ def test_single_token():
     assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
 
 
+@pytest.mark.parametrize("N,k", [(1, 1), (1, 2), (3, 2), (2, 4)])
+def test_gathered_path_matches_loop(N, k):
+    # the decoding path (fewer than 2E pairs), directly and through the dispatcher
+    case = make_case(N, 16, 8, 4, k, seed=20 + N * k)
+    ref = run(adapter_experts_loop, *case, k)
+    assert_same(run(moe.adapter_experts_gathered, *case, k), ref)
+    assert_same(run(moe.adapter_experts, *case, k), ref)
+    torch.manual_seed(5)
+    dropped = run(moe.adapter_experts_gathered, *case, k, dropout_p=0.5, training=True)
+    torch.manual_seed(5)
+    assert_same(dropped, run(adapter_experts_loop, *case, k, dropout_p=0.5, training=True))
+
+
 def test_dropout_uses_the_same_mask_in_both_paths():
     case = make_case(40, 16, 4, 4, 2, seed=7)
     torch.manual_seed(123)
