@@ -287,6 +287,8 @@ def main(argv=None):
     args.top_k = args.top_k or None
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton kernels launch on the current device
     if args.dtype is not None:
         dtype = DTYPES[args.dtype]
     elif device.type == "cuda" and torch.cuda.is_bf16_supported():
