@@ -373,6 +373,9 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100):
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
         raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
                          f"targets {tuple(targets.shape)}: expected (N, D), (V, D), (N,)")
+    if torch.is_autocast_enabled(h.device.type):  # as F.linear would; the matmuls inside write
+        dt = torch.get_autocast_dtype(h.device.type)  # into buffers, which autocast does not reach
+        h, weight = h.to(dt), weight.to(dt)
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), int(ignore_index),
                                      grad and h.requires_grad, grad and weight.requires_grad)

@@ -329,11 +329,8 @@ class Transformer(nn.Module):
         if targets is None:
             return self.output(h), None
         if kernels.use_triton(h):  # chunked LM head + loss: no (tokens, vocab) logits in memory
-            logits, w = None, self.output.weight
-            if torch.is_autocast_enabled(h.device.type):  # its matmuls write into buffers: not autocast
-                dt = torch.get_autocast_dtype(h.device.type)
-                h, w = h.to(dt), w.to(dt)
-            loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), w, targets.reshape(-1))
+            logits = None
+            loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
         else:
             logits = self.output(h)
             loss = cross_entropy(logits, targets)

@@ -292,21 +292,22 @@ def test_whole_model_kernels_match_twins(monkeypatch):
 
 def test_fused_lm_head_loss_follows_autocast(monkeypatch):
     """Under bf16 autocast the twin's LM head (F.linear) runs in bf16; the fused kernel writes its
-    matmuls into buffers, which autocast does not reach, so the model casts for it. Full training
-    (fp32 weights) on a GPU is where this matters; here the interpreter stands in."""
+    matmuls into buffers, which autocast does not reach, so kernels.linear_cross_entropy casts
+    like F.linear would. Full training (fp32 weights) on a GPU is where this matters; here the
+    interpreter stands in."""
     import kernels
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", n_layers=1)
     model = Transformer(cfg)
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 9)), torch.randint(0, cfg.vocab_size, (2, 9))
-    seen, fused = [], kernels.linear_cross_entropy
+    seen, fused = [], kernels._LinearCrossEntropy.apply
 
-    def spy(h, weight, *a, **kw):
+    def spy(h, weight, *rest):
         seen.append((h.dtype, weight.dtype))
-        return fused(h, weight, *a, **kw)
+        return fused(h, weight, *rest)
 
-    monkeypatch.setattr(kernels, "linear_cross_entropy", spy)
+    monkeypatch.setattr(kernels._LinearCrossEntropy, "apply", spy)
     losses = {}
     for mode in ("torch", "triton"):
         monkeypatch.setenv("PESC_KERNELS", mode)
