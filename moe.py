@@ -164,8 +164,7 @@ class _GroupedAdapters(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sw, down, up, pair, real, row_of, tile_expert, residual):
-        N, D = x.shape
-        E, r, _ = down.shape
+        D = x.shape[1]
         T, P = tile_expert.numel(), pair.numel()  # tiles, padded rows
         src = pair // sw.shape[1]  # token of each row
         sw_row = (sw.reshape(-1)[pair] * real).view(T, -1, 1)  # (tiles, block, 1), 0 on padding
