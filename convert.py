@@ -32,6 +32,7 @@ import torch
 
 import moe
 from model import ModelConfig, Transformer, write_checkpoint
+import tokenizer
 from tokenizer import Tokenizer, tokenizer_files
 from moe import PESCConfig
 
@@ -152,10 +153,9 @@ class ConvertError(Exception):
 
 def read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+        return tokenizer.read_json(path)  # its ValueError names the file; here it is bad input
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def torch_load(path):

@@ -598,6 +598,8 @@ BAD = {
     # name: (source, how to break it, what the error must say)
     "unknown layout": ("hf", lambda d: [os.remove(os.path.join(d, f)) for f in os.listdir(d) if f != "tokenizer.model"],
                        r"unknown checkpoint layout"),
+    "config.json not JSON": ("hf", lambda d: open(os.path.join(d, "config.json"), "w").write("{oops"),
+                             r"config.json: not valid JSON"),
     "unsupported model_type": ("hf", lambda d: edit_json(os.path.join(d, "config.json"), model_type="gemma"),
                                r"config.json: model_type 'gemma'"),
     "missing HF shard": ("hf", lambda d: os.remove(first_shard(d)),
