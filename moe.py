@@ -15,6 +15,7 @@ This module never imports model.py: `upcycle` works on the model instance it is 
 """
 
 import math
+import os
 import threading
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -151,6 +152,42 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     return _GroupedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
 
 
+# torch.nn.functional.grouped_mm (torch 2.10+), or its older private name
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_usable(y, down) -> bool:
+    """Whether adapter_experts_grouped runs here: CUDA bf16 on sm90+ with 16-byte aligned rows.
+
+    Elsewhere grouped_mm either is missing, loops over the groups (the fp32 and pre-sm90
+    fallbacks), or rejects the strides; PESC_KERNELS=triton keeps the Triton kernel."""
+    E, r, D = down.shape
+    return (_grouped_mm is not None and y.is_cuda and y.dtype == torch.bfloat16 and down.dtype == y.dtype
+            and torch.cuda.get_device_capability(y.device) >= (9, 0) and D % 8 == 0 and r % 8 == 0
+            and os.environ.get("PESC_KERNELS") != "triton")
+
+
+def adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """The adapters as two grouped GEMMs (torch's grouped_mm) over the expert-sorted pairs.
+
+    The group ends come from the sorted expert ids by searchsorted, on the device: no host sync
+    and no loop over experts; an empty expert is an empty group. The last group ends at N*k,
+    the number of rows, so no output row is left unwritten (grouped_mm leaves rows past the
+    last offset as they were: uninitialised memory). grouped_mm's own autograd does backward."""
+    N, k = experts.shape
+    E = down.shape[0]
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    group_end = torch.searchsorted(flat[order], torch.arange(E, device=y.device), right=True).int()  # (E,)
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    sw = (scaling * weights).to(y.dtype).reshape(-1)[order]  # (N*k,) routing weight of each row
+    x = yd[order // k]  # (N*k, D) each row's token
+    h = F.gelu(_grouped_mm(x, down.transpose(1, 2), offs=group_end)) * sw[:, None]  # (N*k, r)
+    a = _grouped_mm(h, up.transpose(1, 2), offs=group_end)  # (N*k, D)
+    row_of = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=y.device)).view(N, k)
+    return y + _sum_slots(a, row_of)
+
+
 class _GroupedAdapters(torch.autograd.Function):
     """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows, plus x when `residual`.
 
@@ -242,11 +279,13 @@ def _scratch(name, shape, like):
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else plain torch
-    (sorted, or gathered per pair when there are fewer than 2E pairs)."""
+    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): grouped GEMMs on sm90+ in bf16, the Triton
+    kernel on other GPUs, else plain torch (sorted, or gathered per pair below 2E pairs)."""
     # trainers keep fp32 master weights under bf16 autocast; both paths compute in y's dtype, and
     # casting here (outside their hand-written backward passes) hands the gradients back in fp32
     down, up = down.to(y.dtype), up.to(y.dtype)
+    if grouped_mm_usable(y, down):
+        return adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p, training)
     if kernels.use_triton(y):
         return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
     if experts.numel() < 2 * down.shape[0]:  # the sorted path would use 1-row tiles: gather instead

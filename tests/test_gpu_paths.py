@@ -1,0 +1,72 @@
+"""The paths a GPU takes (grouped GEMMs, FlexAttention, compiled blocks and decode, fused LoRA),
+run on the CPU and held equal to the plain twins they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close
+
+import moe
+from moe import adapter_experts_grouped, adapter_experts_loop, route
+
+# -----------------------------------------------------------------------------
+# Adapters as grouped GEMMs vs the reference loop
+
+
+def adapter_case(N, D, E, r, k, seed, dtype=torch.float32, experts=None):
+    """Output and gradients (y, routing weights, down, up) of one adapter call under fn."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    logits = torch.randn(N, E, generator=g)
+    down = (torch.randn(E, r, D, generator=g) / D**0.5).to(dtype).requires_grad_()
+    up = (torch.randn(E, D, r, generator=g) / r**0.5).to(dtype).requires_grad_()
+    proj = torch.randn(N, D, generator=g).to(dtype)
+    weights, chosen = route(logits, k)
+    if experts is not None:
+        chosen = experts
+    weights.requires_grad_()
+
+    def run(fn, **kw):
+        out = fn(y, weights, chosen, down, up, 0.5, **kw)
+        return (out, *torch.autograd.grad((out * proj).sum(), [y, weights, down, up]))
+    return run
+
+
+def assert_adapters_equal(fast, ref, dtype, D, r):
+    for name, a, b, reduction in zip(["out", "y", "weights", "down", "up"], fast, ref, [D + r, D + r, D, 37, 37]):
+        assert_close(a, b, dtype=dtype, reduction=reduction, ulps=8, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,k", [(4, 1), (8, 2), (16, 4)])
+def test_grouped_adapters_match_loop(E, k, dtype):
+    N, D, r = 37, 32, 16
+    run = adapter_case(N, D, E, r, k, seed=E + k, dtype=dtype)
+    assert_adapters_equal(run(adapter_experts_grouped), run(adapter_experts_loop), dtype, D, r)
+
+
+@pytest.mark.parametrize("chosen", [[3], [3, 5], [0, 7]])
+def test_grouped_adapters_empty_experts_and_one_expert(chosen):
+    # every token on one expert (k=1) or two; the other experts are empty groups, also the first
+    # and the last (their group ends equal their neighbours')
+    N, D, E, r, k = 29, 16, 8, 8, len(chosen)
+    experts = torch.tensor([chosen] * N)
+    run = adapter_case(N, D, E, r, k, seed=5, experts=experts)
+    fast = run(adapter_experts_grouped)
+    assert_adapters_equal(fast, run(adapter_experts_loop), torch.float32, D, r)
+    unused = [e for e in range(E) if e not in chosen]
+    assert torch.equal(fast[3][unused], torch.zeros_like(fast[3][unused]))  # no gradient, not garbage
+    assert torch.equal(fast[4][unused], torch.zeros_like(fast[4][unused]))
+
+
+def test_grouped_adapters_dropout_mask_as_loop():
+    run = adapter_case(40, 16, 4, 8, 2, seed=7)
+    torch.manual_seed(123)
+    fast = run(adapter_experts_grouped, dropout_p=0.3, training=True)
+    torch.manual_seed(123)
+    assert_adapters_equal(fast, run(adapter_experts_loop, dropout_p=0.3, training=True), torch.float32, 16, 8)
+
+
+def test_grouped_path_is_chosen_only_where_it_is_fast():
+    y, down = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    assert not moe.grouped_mm_usable(y, down)  # a CPU tensor: the sorted path runs
