@@ -211,9 +211,54 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
         if mask is None:  # plain causal attention over this call's tokens: the flash path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif not isinstance(mask, torch.Tensor):  # a BlockMask (document_block_mask)
+            y = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def document_block_mask(doc_ids, sliding_window=None):
+    """Packed rows without a (B, T, T) mask: FlexAttention's BlockMask from doc_ids (B, T).
+
+    The same rule as data.attention_inputs' dense mask (which stays the reference and the CPU
+    path): a token sees the earlier tokens of its own document, and with a sliding window only
+    the last sliding_window of them (positions restart per document, so the position distance
+    is the slot distance). Blocks that are all masked are skipped, so the attention costs the
+    documents' own squares, with no T x T tensor; the mask is built once for all layers."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, k):
+        seen = (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+        return seen if sliding_window is None else seen & (q - k < sliding_window)
+
+    B, T = doc_ids.shape
+    return create_block_mask(visible, B, None, T, T, device=doc_ids.device)
+
+
+def use_flex_attention(x) -> bool:
+    """Whether packed rows take document_block_mask: on CUDA, where FlexAttention compiles to a
+    fused kernel (on the CPU it runs unfused, forward only, slower than the dense mask)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return x.is_cuda
+
+
+_FLEX = []
+
+
+def _flex_attention():
+    """flex_attention, compiled once: eager it would materialise the scores it exists to avoid.
+    Inside a compiled region the compiler fuses it anyway."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return flex_attention
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
 
 
 class FeedForward(nn.Module):
@@ -289,7 +334,8 @@ class Transformer(nn.Module):
         Optional, for packed rows and padded batches:
           positions (B, T): RoPE positions per row (default: input_pos, or 0..T-1);
           mask (B, T, S) bool, True where a query may attend a key (S = T, or the cache length);
-            it replaces the causal/sliding-window mask, so it must be causal itself;
+            it replaces the causal/sliding-window mask, so it must be causal itself; or, without
+            the cache, a BlockMask from document_block_mask (which includes the window);
           valid (B, T) bool: real (non-padding) tokens, so padding does not count in the
             MoE load-balancing statistics.
         logits are (B, T, vocab); with targets and the fused LM-head loss they are None.
@@ -315,10 +361,10 @@ class Transformer(nn.Module):
             mask = k_pos <= q_pos
             if self.config.sliding_window is not None:
                 mask = mask & (k_pos > q_pos - self.config.sliding_window)
-        elif mask is not None and not cached and self.config.sliding_window is not None:
+        elif isinstance(mask, torch.Tensor) and not cached and self.config.sliding_window is not None:
             # a caller's mask (packed rows) gets the window too, measured in RoPE positions
             mask = mask & (positions[:, :, None] - positions[:, None, :] < self.config.sliding_window)
-        if mask is not None and mask.dim() == 3:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3:
             mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
 
         h = self.tok_embeddings(idx)

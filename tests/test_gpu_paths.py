@@ -70,3 +70,49 @@ def test_grouped_adapters_dropout_mask_as_loop():
 def test_grouped_path_is_chosen_only_where_it_is_fast():
     y, down = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
     assert not moe.grouped_mm_usable(y, down)  # a CPU tensor: the sorted path runs
+
+
+# -----------------------------------------------------------------------------
+# Packed rows: FlexAttention's block mask vs the dense (B, T, T) mask
+
+
+def packed_doc_ids(T, lengths_per_row):
+    """(B, T) doc ids, each row its documents of the given lengths, then padding (-1)."""
+    rows = []
+    for lengths in lengths_per_row:
+        ids = [d for d, n in enumerate(lengths) for _ in range(n)]
+        rows.append(ids + [-1] * (T - len(ids)))
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_block_mask_matches_dense_mask_forward_and_backward(window, monkeypatch):
+    import torch.nn.attention.flex_attention as flex
+
+    from data import attention_inputs
+    from model import ModelConfig, Transformer, document_block_mask
+
+    # FlexAttention refuses gradients on the CPU in its front door only; its unfused reference
+    # (what torch falls back to) has a backward, which is what is checked here
+    monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
+    T = 40
+    doc_ids = packed_doc_ids(T, [[40], [17, 23], [3, 9, 1, 12, 5, 6], [11, 20]])  # 1, 2, many docs, padding
+    config = ModelConfig.from_preset("tiny", sliding_window=window)
+    torch.manual_seed(0)
+    net = Transformer(config)
+    idx = torch.randint(0, config.vocab_size, doc_ids.shape)
+    dense = attention_inputs(doc_ids)
+    assert dense["mask"].shape == (4, T, T)
+
+    def run(mask):
+        net.zero_grad()
+        logits, _ = net(idx, positions=dense["positions"], mask=mask, valid=dense["valid"])
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return logits, [p.grad.clone() for p in net.parameters()]
+
+    ref_logits, ref_grads = run(dense["mask"])
+    logits, grads = run(document_block_mask(doc_ids, window))
+    reduction = config.n_layers * (config.ffn_dim + T)
+    assert_close(logits, ref_logits, reduction=reduction, name="logits")
+    for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
+        assert_close(g, r, reduction=reduction * 4 * T, name=name)
