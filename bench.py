@@ -23,10 +23,9 @@ import kernels
 import model
 import moe
 from data import attention_inputs
-from model import FeedForward, ModelConfig, Transformer
+from model import FeedForward, ModelConfig, Transformer, peak_flops
 from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
 from sample import DTYPES, generate
-from train import PEAK_FLOPS
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -331,7 +330,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]["bf16"]
 
     def step():
         _, loss = net(idx, idx)
@@ -389,7 +388,7 @@ def train_step_bench(mode, device, layers):
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_flops("cuda", dtype)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")

@@ -391,29 +391,48 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """FLOPs of one training step per token (forward + backward).
+        """FLOPs one training step does per token (forward + backward), counting what autograd
+        runs with a frozen base. Per weight n of a matmul, per token:
 
-        Each matmul costs 2 FLOPs per weight per token forward, 2 more for the gradient of its
-        input, and 2 more for its weight gradient only if that weight is trained (frozen base
-        weights in PESC and LoRA skip it). PESC adapters count the k experts a token uses.
-        Attention scores and values add 4 * layers * seq_len * heads * head_dim forward, twice
-        that backward (the causal half is not discounted, as in PaLM's formula)."""
-        flops = 0.0
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                n = m.weight.numel()
-                flops += (6 if m.weight.requires_grad else 4) * n
-            elif isinstance(m, moe.PESCFeedForward):
-                n = m.active_adapter_params()
-                flops += 6 * n  # adapters are always trained
-            if isinstance(m, moe.LoRALinear):
-                flops += 6 * (m.lora_a.numel() + m.lora_b.numel())
+            forward                                   2n
+            input gradient  (dL/dx = W^T dL/dy)        2n  only if a gradient must flow below it
+            weight gradient (dL/dW = dL/dy x^T)        2n  only if W is trained
+
+        A gradient must flow below a matmul when anything trained lies below it (or beside it on
+        the same input: LoRA on wq needs the attention's backward, not wq's input gradient). So
+        with PESC alone, the first block's attention runs forward only, and every block's frozen
+        linears above it cost 4n; trained tensors (LoRA A/B, routers, the k of E adapters a token
+        uses) cost 6n, except where no gradient flows below them (lora_a's input gradient).
+        Attention scores and values cost 4 * seq_len * heads * head_dim per layer forward, twice
+        that backward when a gradient flows through them (not discounted for causality, as in
+        PaLM's formula). Norms, RoPE and the softmax are not counted."""
         c = self.config
-        flops += 3 * 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
-        return flops
+        attention = 4 * seq_len * c.n_heads * c.head_dim
+        flops, flows = 0.0, self.tok_embeddings.weight.requires_grad
+        for layer in self.layers:
+            a, ff = layer.attention, layer.feed_forward
+            flows |= layer.attention_norm.weight.requires_grad
+            f, flows = _matmul_flops([a.wq, a.wk, a.wv], flows)
+            flops += f + attention * (3 if flows else 1)
+            f, flows = _matmul_flops([a.wo], flows)
+            flops += f
+            flows |= layer.ffn_norm.weight.requires_grad
+            router_in = flows  # the router and w1, w3 read the same input
+            f, flows = _matmul_flops([ff.w1, ff.w3], flows)
+            flops += f
+            f, flows = _matmul_flops([ff.w2], flows)
+            flops += f
+            if isinstance(ff, moe.PESCFeedForward):  # router and adapters are always trained
+                E, k = ff.config.num_experts, ff.config.top_k
+                down, up = ff.adapter_down.numel() * k / E, ff.adapter_up.numel() * k / E
+                n_router = ff.router.weight.numel()
+                flops += 6 * up + (6 if flows else 4) * down + (6 if router_in else 4) * n_router
+                flows = True
+        f, _ = _matmul_flops([self.output], flows | self.norm.weight.requires_grad)
+        return flops + f
 
     def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
+        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak (see peak_flops)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     # -- checkpoints -------------------------------------------------------------
@@ -470,6 +489,45 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             state.pop("output.weight")
         write_checkpoint(path, self.config.to_dict(), state, max_shard_bytes)
+
+
+def _matmul_flops(linears, flows):
+    """(FLOPs per token, whether a gradient flows above) of linears that read one input, given
+    whether a gradient must flow below them (see Transformer.flops_per_token)."""
+    flops, trained = 0.0, False
+    for m in linears:
+        n = m.weight.numel()
+        flops += 2 * n + (2 * n if flows else 0) + (2 * n if m.weight.requires_grad else 0)
+        trained |= m.weight.requires_grad
+        if isinstance(m, moe.LoRALinear):  # x -> A -> B: B's input gradient is needed for A's
+            flops += 6 * m.lora_b.numel() + (6 if flows else 4) * m.lora_a.numel()
+            trained = True
+    return flops, flows or trained
+
+
+# Dense (no sparsity) peak FLOP/s of each GPU's tensor cores, by compute dtype, from the vendor
+# datasheets (SXM parts). Looked up by a substring of torch.cuda.get_device_name(), in order.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def peak_flops(device=None, dtype=torch.bfloat16):
+    """Peak FLOP/s of a CUDA device for matmuls in dtype (fp32 counts as tf32 where torch lets
+    matmuls use it), or None: a CPU, or a GPU not in PEAK_FLOPS."""
+    if torch.device(device or "cpu").type != "cuda":
+        return None
+    key = _DTYPE_NAMES[dtype]
+    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        key = "tf32"
+    name = torch.cuda.get_device_name(device)
+    return next((table[key] for gpu, table in PEAK_FLOPS.items() if gpu in name), None)
 
 
 def cross_entropy(logits, targets, ignore_index=-100):

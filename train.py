@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe
 from data import IGNORE_INDEX, InstructionData
-from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
+from model import Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files
 
 # -----------------------------------------------------------------------------
@@ -128,8 +128,6 @@ RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "l
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
                      "grad_accum_steps"}
 
-# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -700,7 +698,7 @@ def log_step(run, lr, step, clock):
         line += f", aux {record['aux_loss']:.4f}"
     line += f", lr {lr:.2e}, grad norm {step['grad_norm']:.4f}, {tok_s:,.0f} tok/s"
     if run.dist.device_type == "cuda":
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.dist.device)), None)
+        peak = peak_flops(run.dist.device, getattr(torch, run.args.dtype))  # args.dtype: resolved by setup
         if peak is not None:
             record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
             line += f", mfu {100 * record['mfu']:.1f}%"
