@@ -103,7 +103,7 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
-    g.add_argument("--compile", default=False, **flag)
+    g.add_argument("--compile", default=False, **flag, help="torch.compile each transformer block (regional)")
     g.add_argument("--grad_checkpointing", default=False, **flag)
     g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
     return p
@@ -237,6 +237,15 @@ def enable_grad_checkpointing(model):
     """Recompute each block's activations in the backward pass, from outside the model."""
     for block in model.layers:
         block.forward = (lambda f: lambda *a, **kw: checkpoint(f, *a, use_reentrant=False, **kw))(block.forward)
+
+
+def compile_blocks(model, **options):
+    """Regional compilation: each transformer block is compiled in place, the rest stays eager.
+    The blocks share their code, so one graph serves them all (two with a frozen embedding: the
+    first block's input needs no gradient): fast to compile, unlike the whole model, and the
+    state-dict keys do not change."""
+    for block in model.layers:
+        block.compile(**options)
 
 
 def trainable_state(model):
@@ -519,7 +528,7 @@ def setup(args, given, where):
     if state is not None:
         restore(run, saved, state)
     if args.compile:
-        run.model = torch.compile(run.model)
+        compile_blocks(run.raw_model)
     if where.ddp:
         run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None)
     start_metrics(run, resumed=state is not None)

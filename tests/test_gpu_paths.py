@@ -116,3 +116,70 @@ def test_block_mask_matches_dense_mask_forward_and_backward(window, monkeypatch)
     assert_close(logits, ref_logits, reduction=reduction, name="logits")
     for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
         assert_close(g, r, reduction=reduction * 4 * T, name=name)
+
+
+# -----------------------------------------------------------------------------
+# Compiled: regional compilation of training, the compiled decode step
+# (aot_eager: Dynamo's capture and AOT autograd as inductor gets them, without compiling C++,
+# which takes minutes on this CPU; fullgraph=True fails on any graph break)
+
+
+def tiny_pesc_lora():
+    from model import ModelConfig, Transformer
+    from moe import PESCConfig
+
+    torch.manual_seed(0)
+    pesc = PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0, lora_rank=4, lora_dropout=0.0)
+    net = Transformer(ModelConfig.from_preset("tiny", n_layers=3, moe=pesc))
+    with torch.no_grad():  # trained-looking adapters and LoRA (both start at zero)
+        for name, p in net.named_parameters():
+            if "adapter_up" in name or "lora_b" in name:
+                p.normal_(0, 0.02)
+    return net
+
+
+def test_compiled_blocks_equal_loss_and_gradients():
+    import copy
+
+    import torch._dynamo
+
+    import train
+    from data import attention_inputs
+
+    net = tiny_pesc_lora()
+    compiled = copy.deepcopy(net)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train.compile_blocks(compiled, backend="aot_eager", fullgraph=True)
+    assert list(compiled.state_dict()) == list(net.state_dict())  # no _orig_mod. prefixes
+    idx = torch.randint(0, net.config.vocab_size, (2, 32))
+    kw = attention_inputs(torch.tensor([[0] * 12 + [1] * 20, [0] * 32]))  # a packed row
+    results = []
+    for m in (net, compiled):
+        _, loss = m(idx, idx, **kw)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (loss, grads), (c_loss, c_grads) = results
+    assert_close(c_loss, loss, reduction=3 * net.config.ffn_dim, name="loss")
+    for name, g in grads.items():
+        assert_close(c_grads[name], g, reduction=3 * net.config.ffn_dim * 64, name=name)
+    # the first block's input needs no gradient (a frozen embedding): one graph for it, one reused
+    # by the other two
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiled_decode_step_equal_greedy_tokens():
+    import torch._dynamo
+
+    from sample import compile_decode_step, generate
+
+    net = tiny_pesc_lora().eval()
+    prompts = [[1, 5, 9, 33, 7], [2, 8]]  # left-padded to one length
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step = compile_decode_step("cpu", backend="aot_eager")
+    for n in (12, 20):  # two calls of different lengths: one static cache size, no recompile
+        eager = generate(net, prompts, n, temperature=0)
+        compiled = generate(net, prompts, n, temperature=0, decode_fn=step, static_cache=True)
+        assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
