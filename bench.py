@@ -433,8 +433,71 @@ def train_step_bench(mode, device, layers):
 
 
 # -----------------------------------------------------------------------------
+# LoRA: the fused linears vs their plain twin vs transformers + PEFT (CPU)
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train}
+
+def bench_lora(args):
+    """Forward + backward (no optimizer) of a 2-layer LLaMA (d 1024, ffn 2816, vocab 32000, batch
+    4 x 512, fp32) with LoRA r=64, alpha 16, dropout 0 on all seven linears, base frozen: this
+    project's fused LoRA linears, the plain twin, and transformers + PEFT (optional, imported
+    here only). The runs alternate and each reports its median, on a shared noisy machine."""
+    import statistics
+
+    cfg = ModelConfig(vocab_size=32000, dim=1024, n_layers=2, n_heads=16, ffn_dim=2816, max_seq_len=512)
+    B, T, r = 4, 512, 64
+    torch.manual_seed(0)
+    net = Transformer(cfg).requires_grad_(False)
+    add_lora(net, LORA_TARGETS, r, 16.0, 0.0)
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+
+    def project_step():
+        net(idx, idx)[1].backward()
+
+    def plain_step():
+        saved, moe.lora_linear = moe.lora_linear, moe.lora_linear_plain
+        try:
+            project_step()
+        finally:
+            moe.lora_linear = saved
+
+    steps = {"fused": project_step, "plain": plain_step}
+    try:
+        import peft
+        import transformers
+
+        hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                          max_position_embeddings=T, attn_implementation="sdpa")
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+
+        def peft_step():
+            hf(input_ids=idx, labels=idx).loss.backward()
+        steps["peft"] = peft_step
+    except ImportError as e:
+        print(f"[lora] transformers + PEFT not installed ({e.name}): timing this project only")
+    times = {name: [] for name in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(getattr(args, "iters", 7)):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    res = {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
+    line = " | ".join(f"{name} {res[f'{name}_ms']:7.0f} ms" for name in steps)
+    print(f"[lora] d {cfg.dim}, {cfg.n_layers} layers, ffn {cfg.ffn_dim}, {B}x{T}, r={r} on all seven, "
+          f"fwd+bwd, {torch.get_num_threads()} threads, medians of {len(times['fused'])}: {line}")
+    if "peft" in steps:
+        res["peft_over_fused"] = res["peft_ms"] / res["fused_ms"]
+        print(f"  fused is {res['peft_over_fused']:.2f}x the speed of PEFT; plain {res['peft_ms'] / res['plain_ms']:.2f}x")
+    return res
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"lora": bench_lora, "moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train}
 
 
 def main():

@@ -391,8 +391,63 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+        return lora_linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_a, self.lora_b, self.scale)
+
+
+def lora_linear_plain(x, x_drop, weight, bias, lora_a, lora_b, scale):
+    """The twin of lora_linear: W x + b + scale * B A x_drop, as three linears, a scale and an add."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x_drop, lora_a), lora_b)
+
+
+def lora_linear(x, x_drop, weight, bias, lora_a, lora_b, scale):
+    """W x + b + scale * B A x_drop with the scale and the add inside the matmuls, forward and
+    backward (addmm into the base output and into the input gradient): the plain twin spends
+    two full-size elementwise passes per LoRA linear and direction on them. x_drop is x (the
+    same tensor) without dropout, which lets the input gradient be one addmm as well."""
+    return _LoRALinear.apply(x, x_drop, weight, bias, lora_a, lora_b, scale)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """lora_linear's matmuls in the compute dtype (autocast's, else x's), by hand in backward."""
+
+    @staticmethod
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scale):
+        device = x.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            W, A, Bs = weight.to(dt), lora_a.to(dt), (scale * lora_b).to(dt)  # Bs: r columns, cheap
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            xd2 = x2 if x_drop is x else x_drop.reshape(-1, x.shape[-1]).to(dt)
+            h = torch.mm(xd2, A.t())  # (N, r)
+            out = torch.mm(x2, W.t()) if bias is None else torch.addmm(bias.to(dt), x2, W.t())
+            out.addmm_(h, Bs.t())
+        keep_x = weight.requires_grad or x_drop is x  # for W's gradient, or A's without dropout
+        ctx.save_for_backward(x2 if keep_x else None, xd2 if x_drop is not x else None, h, W, A, Bs)
+        ctx.same_input, ctx.scale = x_drop is x, scale
+        ctx.dtypes = (x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xd2, h, W, A, Bs = ctx.saved_tensors
+        x_dtype, w_dtype, a_dtype, b_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1]).to(W.dtype)
+        dh = torch.mm(g2, Bs)  # (N, r), the scale already in Bs
+        d_b = torch.mm(g2.t(), h).mul_(ctx.scale).to(b_dtype) if need[5] else None
+        d_a = torch.mm(dh.t(), x2 if ctx.same_input else xd2).to(a_dtype) if need[4] else None
+        dx = dxd = None
+        if need[0] or need[1]:
+            dx = torch.mm(g2, W)
+            if ctx.same_input:
+                dx.addmm_(dh, A)
+            else:
+                dxd = torch.mm(dh, A).view(*g.shape[:-1], -1).to(x_dtype)
+            dx = dx.view(*g.shape[:-1], -1).to(x_dtype)
+        d_w = torch.mm(g2.t(), x2).to(w_dtype) if need[2] else None
+        d_bias = g2.sum(0).to(w_dtype) if ctx.has_bias and need[3] else None
+        return dx, dxd, d_w, d_bias, d_a, d_b, None
 
 
 def add_lora(model, targets, rank: int, alpha: float, dropout: float):

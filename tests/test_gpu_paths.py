@@ -183,3 +183,44 @@ def test_compiled_decode_step_equal_greedy_tokens():
         compiled = generate(net, prompts, n, temperature=0, decode_fn=step, static_cache=True)
         assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# -----------------------------------------------------------------------------
+# LoRA with the scale and add inside the matmuls vs the plain twin
+
+
+@pytest.mark.parametrize("dropout,bias,frozen", [(0.0, False, True), (0.0, True, False), (0.3, True, True)])
+def test_fused_lora_matches_plain(dropout, bias, frozen):
+    g = torch.Generator().manual_seed(0)
+    D_in, D_out, r = 48, 40, 8
+    x = torch.randn(3, 7, D_in, generator=g, requires_grad=True)
+    weight = torch.randn(D_out, D_in, generator=g).requires_grad_(not frozen)
+    b = torch.randn(D_out, generator=g).requires_grad_(not frozen) if bias else None
+    lora_a = torch.randn(r, D_in, generator=g).requires_grad_()
+    lora_b = torch.randn(D_out, r, generator=g).requires_grad_()
+    proj = torch.randn(3, 7, D_out, generator=g)
+    wrt = [t for t in (x, weight, b, lora_a, lora_b) if t is not None and t.requires_grad]
+
+    def run(fn):
+        torch.manual_seed(1)
+        x_drop = F.dropout(x, dropout, training=True) if dropout else x
+        out = fn(x, x_drop, weight, b, lora_a, lora_b, 2.0)
+        return [out, *torch.autograd.grad((out * proj).sum(), wrt)]
+
+    for a, e in zip(run(moe.lora_linear), run(moe.lora_linear_plain)):
+        assert_close(a, e, reduction=D_in + D_out + 21)
+
+
+def test_fused_lora_under_bf16_autocast_matches_plain():
+    layer = moe.LoRALinear(torch.nn.Linear(32, 24, bias=False).requires_grad_(False), 8, 16.0, 0.0)
+    torch.nn.init.normal_(layer.lora_b)
+    x = torch.randn(5, 32, requires_grad=True)
+    grads = []
+    for fn in (moe.lora_linear, moe.lora_linear_plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, x, layer.weight, None, layer.lora_a, layer.lora_b, layer.scale)
+        assert out.dtype == torch.bfloat16
+        grads.append([out, *torch.autograd.grad(out.float().sum(), [x, layer.lora_a, layer.lora_b])])
+    for a, e in zip(*grads):
+        assert a.dtype == e.dtype
+        assert_close(a.float(), e.float(), dtype=torch.bfloat16, reduction=32, ulps=8)
