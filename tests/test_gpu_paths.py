@@ -224,3 +224,51 @@ def test_fused_lora_under_bf16_autocast_matches_plain():
     for a, e in zip(*grads):
         assert a.dtype == e.dtype
         assert_close(a.float(), e.float(), dtype=torch.bfloat16, reduction=32, ulps=8)
+
+
+# -----------------------------------------------------------------------------
+# bench.py --gpu: the parts a CPU can run, and the message without a GPU
+
+
+def test_gpu_check_parts_run_on_cpu(tmp_path):
+    import json
+
+    import bench
+
+    results = bench.gpu_check(str(tmp_path), device="cpu", shape="tiny", layers=2, seq_len=32)
+    for name, r in results["parts"].items():
+        assert "error" not in r, (name, r.get("traceback"))
+    parts = results["parts"]
+    assert parts["logits_bf16_vs_fp32_cpu"]["ok"]
+    for name in ("train_lora_eager", "train_pesc_compiled", "train_pesc_triton", "decode_compiled"):
+        assert parts[name]["tokens_per_s"] > 0
+    assert parts["decode_eager"]["share_of_bound"] > 0
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"].keys() == parts.keys()
+    assert "| train_pesc_eager |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_part_failure_is_reported(tmp_path, monkeypatch):
+    import bench
+
+    def broken(*args):
+        raise RuntimeError("kernel did not compile")
+    monkeypatch.setattr(bench, "check_bandwidth", broken)
+    monkeypatch.setattr(bench, "check_train", broken)
+    monkeypatch.setattr(bench, "check_decode", broken)
+    results = bench.gpu_check(str(tmp_path), device="cpu", shape="tiny", layers=2, seq_len=32)
+    assert results["parts"]["bandwidth"]["error"] == "RuntimeError: kernel did not compile"
+    assert results["parts"]["logits_bf16_vs_fp32_cpu"]["ok"]  # the rest still ran
+
+
+def test_gpu_check_without_gpu_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "bench.py", "--gpu", "--out", str(tmp_path)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+    assert not any(tmp_path.iterdir())
