@@ -131,10 +131,15 @@ class RMSNorm(nn.Module):
         """norm(x), or with a residual: (norm(x + residual), x + residual), fused on GPU."""
         if kernels.use_triton(x):
             return kernels.rms_norm(x, self.weight, self.eps, residual)
-        h = x if residual is None else x + residual
-        hf = h.float()  # the statistics in fp32, as HF and Meta do
-        out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-        return out if residual is None else (out, h)
+        return rms_norm_torch(x, self.weight, self.eps, residual)
+
+
+def rms_norm_torch(x, weight, eps, residual=None):
+    """RMSNorm in plain PyTorch (the reference for kernels.rms_norm), with the optional residual add."""
+    h = x if residual is None else x + residual
+    hf = h.float()  # the statistics in fp32, as HF and Meta do
+    out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return out if residual is None else (out, h)
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: Optional[int] = None) -> torch.Tensor:
@@ -168,6 +173,11 @@ def apply_rope(x, cos, sin):
     """Rotate halves (HF layout). x: (B, T, H, hd); cos, sin: (B or 1, T, hd//2) fp32."""
     if kernels.use_triton(x):
         return kernels.apply_rope(x, cos, sin)
+    return apply_rope_torch(x, cos, sin)
+
+
+def apply_rope_torch(x, cos, sin):
+    """apply_rope in plain PyTorch (the reference for kernels.apply_rope), in fp32."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -232,6 +242,11 @@ class FeedForward(nn.Module):
 def swiglu(a, b):
     if kernels.use_triton(a):
         return kernels.swiglu(a, b)
+    return swiglu_torch(a, b)
+
+
+def swiglu_torch(a, b):
+    """silu(a) * b in plain PyTorch (the reference for kernels.swiglu)."""
     return F.silu(a) * b
 
 
@@ -427,7 +442,9 @@ class Transformer(nn.Module):
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
-    """Mean cross-entropy over targets != ignore_index (0 when there are none, not NaN)."""
+    """Mean cross-entropy over targets != ignore_index (0 when there are none, not NaN).
+
+    After the LM head (F.linear) this is the reference for kernels.linear_cross_entropy."""
     logits = logits.reshape(-1, logits.size(-1)).float()
     targets = targets.reshape(-1)
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
