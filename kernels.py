@@ -12,6 +12,10 @@ fp32 inputs, and every dot under the interpreter, use exact IEEE fp32 dots.
     apply_rope            rotary embedding, "halves" (Hugging Face) layout
     linear_cross_entropy  LM head + cross-entropy, chunked over tokens, no (N, V) fp32 logits
     adapter_experts       the PESC adapter experts: sort by expert, grouped GEMMs, combine
+
+Their references, which tests/test_kernels.py holds them equal to, are the code the model runs
+without them: model.rms_norm_torch, model.swiglu_torch, model.apply_rope_torch, model.cross_entropy
+after the LM head, and moe.adapter_experts_loop.
 """
 import os
 from types import SimpleNamespace

@@ -264,7 +264,7 @@ def test_flops_and_mfu():
     assert_close(model.estimate_mfu(1000.0, 16, 1e12), (4 * n + attn) * 1000 / 1e12)  # a product and a quotient
 
 
-def test_whole_model_kernels_match_twins(monkeypatch):
+def test_whole_model_kernels_match_torch_path(monkeypatch):
     """A tiny PESC model run with every Triton kernel (interpreted on the CPU) equals the
     plain PyTorch path: loss and gradients of every trainable tensor (fp32; the kernels
     accumulate in another order, so they agree to rounding, not exactly)."""
@@ -299,7 +299,7 @@ def test_whole_model_kernels_match_twins(monkeypatch):
 
 
 def test_fused_lm_head_loss_follows_autocast(monkeypatch):
-    """Under bf16 autocast the twin's LM head (F.linear) runs in bf16; the fused kernel writes its
+    """Under bf16 autocast the plain path's LM head (F.linear) runs in bf16; the fused kernel writes its
     matmuls into buffers, which autocast does not reach, so kernels.linear_cross_entropy casts
     like F.linear would. Full training (fp32 weights) on a GPU is where this matters; here the
     interpreter stands in."""

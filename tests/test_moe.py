@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import moe
 from model import ModelConfig, Transformer
 from moe import PESCConfig, adapter_experts_loop, adapter_experts_sorted, route, router_losses, upcycle
-from tolerance import assert_close
+from tolerance import assert_close, tolerance
 
 
 def make_case(N, D, E, r, k, seed=0, experts=None):
@@ -106,7 +106,7 @@ def test_dropout_uses_the_same_mask_in_both_paths():
     assert_same(fast, ref)
     torch.manual_seed(123)
     no_drop = run(adapter_experts_sorted, *case, 2)
-    assert (fast[0] - no_drop[0]).abs().max() > 1e-3  # dropout did something
+    assert (fast[0] - no_drop[0]).abs().max() > 100 * tolerance(no_drop[0], reduction=40)  # dropout did something
 
 
 def test_interleaved_calls_do_not_share_state():

@@ -42,7 +42,7 @@ def tiny_model(kind="dense"):
 
 
 def greedy_no_cache(model, prompt, n):
-    """The slow twin: recompute the whole sequence (model's own causal mask, no cache) each step."""
+    """The oracle for generate's KV cache: recompute the whole sequence (no cache) at each step."""
     seq = torch.as_tensor(prompt)[None]
     with torch.no_grad():
         for _ in range(n):
