@@ -35,7 +35,7 @@ import torch
 
 def _magnitude(expected, scale):
     if scale is not None:
-        return float(scale)
+        return float(scale.detach()) if torch.is_tensor(scale) else float(scale)
     return expected.detach().abs().max().item() if expected.numel() else 0.0
 
 
