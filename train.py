@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe
 from data import IGNORE_INDEX, InstructionData
-from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
+from model import Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files
 
 # -----------------------------------------------------------------------------
@@ -123,9 +123,6 @@ def parse_args(argv):
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data"}
 
-# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
 # -----------------------------------------------------------------------------
 # Helpers
 
@@ -167,11 +164,6 @@ def get_lr(it, total, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
 
 
-def aux_term(model):
-    """The auxiliary part of the model's loss (0 for a dense model), to report the LM loss."""
-    return 0.0 if model.config.moe is None else model.router_stats["weighted"]
-
-
 def setup_model(args, device, ptdtype, log):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
     model = Transformer.from_pretrained(args.init_from, device=device)
@@ -199,15 +191,10 @@ def setup_model(args, device, ptdtype, log):
             lora = {f: getattr(old, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
         cfg = replace(old, adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef,
                       z_loss_coef=args.z_loss_coef, **lora)
-        for m in moe.pesc_layers(model):
-            m.config = cfg
-        model.config = replace(model.config, moe=cfg)
-        model.requires_grad_(False)
+        model.config = replace(model.config, moe=cfg)  # the PESC settings' one home
         if cfg.lora_rank > 0 and not has_lora:
             moe.add_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        for m in moe.pesc_layers(model):
-            for p in (m.router.weight, m.adapter_down, m.adapter_up):
-                p.requires_grad_(True)
+        moe.set_trainable(model, "pesc")
         log(f"continuing the PESC checkpoint: {old.num_experts} experts, top-{old.top_k}, "
             f"adapter_dim {old.adapter_dim} (its architecture wins over the PESC options)")
     elif args.mode == "lora":
@@ -215,14 +202,10 @@ def setup_model(args, device, ptdtype, log):
             raise ValueError(f"--mode lora is the dense baseline, but {args.init_from} is a PESC checkpoint")
         if args.lora_rank <= 0:
             raise ValueError("--mode lora needs --lora_rank > 0")
-        model.requires_grad_(False)
         moe.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # full
-        model.requires_grad_(True)
-    for m in model.modules():  # new LoRA modules were made in the base dtype
-        if isinstance(m, moe.LoRALinear):
-            m.lora_a.requires_grad_(True)
-            m.lora_b.requires_grad_(True)
+        moe.set_trainable(model, "lora")
+    else:
+        moe.set_trainable(model, "full")
     # Trainable tensors live in fp32 (the optimizer's master copy); autocast computes in ptdtype.
     for p in model.parameters():
         if p.requires_grad:
@@ -460,9 +443,9 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
         sums = torch.zeros(2, device=device)  # loss sum, target count
         for idx, targets, kw in map(to_device, data.val_batches(args.batch_size, rank, world)):
             with autocast:
-                _, loss = raw_model(idx, targets, **kw)
+                lm_loss = raw_model(idx, targets, **kw).lm_loss
             n = (targets != IGNORE_INDEX).sum()
-            sums += torch.stack([(loss - aux_term(raw_model)).float() * n, n.float()])
+            sums += torch.stack([lm_loss.float() * n, n.float()])
         if ddp:
             dist.all_reduce(sums)
         raw_model.train()
@@ -482,8 +465,7 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
         return it
 
     is_pesc = raw_model.config.moe is not None
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device_type == "cuda" else None
+    peak = peak_flops(device)
     R = len(data.train_rows)
     log(f"training {total - it} steps of {rows_per_step} rows x {args.seq_len} tokens "
         f"(epoch {data_row / R:.2f} -> {(data_row + (total - it) * rows_per_step) / R:.2f})")
@@ -513,15 +495,14 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
                 # accumulate locally (what no_sync() does, without a context manager).
                 model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
             with autocast:
-                _, loss = model(idx, targets, **kw)
-            (loss / args.grad_accum_steps).backward()
+                out = model(idx, targets, **kw)
+            (out.loss / args.grad_accum_steps).backward()
             with torch.no_grad():
                 if is_pesc:
-                    s = raw_model.router_stats
-                    stats[:3] += torch.stack([loss - aux_term(raw_model), s["aux_loss"], s["z_loss"]]).float()
-                    stats[4:] += s["load"].reshape(-1).float()
+                    stats[:3] += torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).float()
+                    stats[4:] += out.expert_load.reshape(-1).float()
                 else:
-                    stats[0] += loss.float()
+                    stats[0] += out.lm_loss.float()
                 stats[3] += idx.numel()  # positions computed, padding included
         if ddp:
             dist.all_reduce(stats)
@@ -651,9 +632,9 @@ def demo_eval(ckpt, questions):
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         ids, target_mask = tok.encode_chat(messages)
         targets = torch.tensor([i if m else IGNORE_INDEX for i, m in zip(ids[1:], target_mask[1:])])
-        _, loss = model(torch.tensor([ids[:-1]]), targets[None])
+        lm_loss = model(torch.tensor([ids[:-1]]), targets[None]).lm_loss
         n = int((targets != IGNORE_INDEX).sum())
-        total, count = total + (loss.item() - float(aux_term(model))) * n, count + n
+        total, count = total + lm_loss.item() * n, count + n
     prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for _, q, _ in questions]
     rows = generate(model, prompts, 8, temperature=0, stop_ids=tok.stop_ids)
