@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,8 @@ class ModelConfig:
         return cls(**d)
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+# Llama 3.1's RoPE scaling (HF's rope_scaling, Meta's use_scaled_rope)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 PRESETS = {
@@ -100,7 +101,7 @@ PRESETS = {
     "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
                        rope_theta=500000.0, max_seq_len=8192),
     "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=_LLAMA3_ROPE),
+                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=LLAMA3_ROPE),
     "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
                             max_seq_len=32768, sliding_window=4096),
     "mistral-7b-v0.2": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,

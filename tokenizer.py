@@ -71,6 +71,32 @@ def tokenizer_files(src):
     return files
 
 
+def write_tokenizer_config(out_dir, src_dir=None, chat_template=None, keep_src_template=False):
+    """Write out_dir/tokenizer_config.json, the file that names a checkpoint's chat template.
+
+    It starts from src_dir's tokenizer_config.json when there is one (its added tokens and other
+    keys stay). chat_template: a name from TEMPLATES, which replaces src's unless
+    keep_src_template and src has one; None removes the key (an HF export: HF wants Jinja there).
+    Returns the file's path, or None when there is nothing to write."""
+    config = {}
+    src_file = os.path.join(src_dir, "tokenizer_config.json") if src_dir else None
+    if src_file and os.path.isfile(src_file):
+        config = read_json(src_file)
+        if not isinstance(config, dict):
+            raise ValueError(f"{src_file}: expected a JSON object")
+    if chat_template is None:
+        config.pop("chat_template", None)
+    elif not (keep_src_template and "chat_template" in config):
+        config["chat_template"] = chat_template
+    if not config:
+        return None
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_byte_tokenizer(path):
     """Write a tiktoken file whose 256 ranks are the single bytes (vocab 256 + 256 specials = 512)."""
     with open(path, "w") as f:

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 import moe
 from data import IGNORE_INDEX, InstructionData
 from model import Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
-from tokenizer import Tokenizer, tokenizer_files
+from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
 
 # -----------------------------------------------------------------------------
 # Options
@@ -52,7 +52,7 @@ def str2bool(s):
 
 
 def build_parser():
-    # Defaults follow the official PESC recipe (SPEC.md section 1) where it has one.
+    # Defaults follow the official PESC recipe (the paper's training script) where it has one.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
@@ -289,15 +289,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
         extra = tokenizer_files(init_from)
-        tok_cfg_path = os.path.join(init_from, "tokenizer_config.json")
-        tok_cfg = {}
-        if os.path.isfile(tok_cfg_path):
-            with open(tok_cfg_path) as f:
-                tok_cfg = json.load(f)
-        if template_given or "chat_template" not in tok_cfg:
-            tok_cfg["chat_template"] = template
-        with open(os.path.join(stage, "tokenizer_config.json"), "w") as f:
-            json.dump(tok_cfg, f, indent=2)
+        write_tokenizer_config(stage, init_from, template, keep_src_template=not template_given)
         with open(os.path.join(stage, "training_args.json"), "w") as f:
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
@@ -664,8 +656,7 @@ def demo():
     config = ModelConfig.from_preset("tiny")  # dim 64, 2 layers, vocab 512: 158K parameters
     Transformer(config).save_pretrained(init_dir)
     write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
-    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "llama3"}, f)
+    write_tokenizer_config(init_dir, chat_template="llama3")
 
     # 2. Pretrain it on plain text: the dense base that PESC starts from.
     print("\n== 1/3: pretraining the dense base on generated text (--mode full) ==")
