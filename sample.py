@@ -8,7 +8,8 @@ Sample from a project checkpoint, dense or PESC: text completion or chat, stream
 From Python, `generate(model, idx, max_new_tokens, ...)` runs a batch of prompts of any lengths
 through the model's KV cache: the prompts are left-padded to one length, every row gets its own
 RoPE positions, and the prompt is one document that the padding is not part of
-(model.attention_mask), so each row computes what it would alone. One prefill pass fills the cache, then one token per step (the step --compile compiles).
+(model.attention_mask), so each row computes what it would alone. One prefill pass fills the
+cache, then one token per step (the step --compile compiles).
 """
 
 import argparse
