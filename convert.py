@@ -31,7 +31,7 @@ import tempfile
 import torch
 
 import moe
-from model import LLAMA3_ROPE, ModelConfig, Transformer, write_checkpoint
+from model import FLAG, LLAMA3_ROPE, ModelConfig, Transformer, write_checkpoint
 import tokenizer
 from tokenizer import Tokenizer, tokenizer_files
 from moe import PESCConfig
@@ -729,7 +729,7 @@ def main(argv=None):
                    help="output dtype (default: the source's)")
     p.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base to use instead of the config's (import only; Camelidae defaults to 10000)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", default=False, **FLAG, help="replace an existing --out")
     args = p.parse_args(argv)
     try:
         if args.to == "hf":

@@ -1,7 +1,7 @@
 """
 The instruction-data pipeline: read a data file, tokenize it with a chat template, pack, batch.
 
-Three formats (SPEC.md section 4), told apart by the content of the first record:
+Three formats, told apart by the content of the first record:
 - PESC/Camelidae JSON: a list of {"corpus", "dataset", "instruction", "conversation": [{"input",
   "output"}, ...]}. A non-empty corpus is plain text trained on whole; otherwise the instruction
   is the system prompt and the conversation the user/assistant turns.
@@ -235,7 +235,6 @@ class InstructionData:
             n_val = min(max(1, round(val_fraction * len(examples))), len(examples) - 1)
         self.val = [examples[i] for i in sorted(order[:n_val])]
         self.train = [examples[i] for i in order[n_val:]]
-        self.num_skipped = len(skipped)
 
         def make_rows(exs):
             if pack_rows:

@@ -12,6 +12,7 @@ Internal layout: q/k rows are in the Hugging Face "rotate halves" order, so HF c
 as they are and Meta checkpoints are permuted on import (convert.py).
 """
 
+import argparse
 import json
 import math
 import os
@@ -592,3 +593,18 @@ def replace_dir(tmp, path):
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The command lines' one convention for a boolean option: --x, --x true, --x false
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+FLAG = dict(type=str2bool, nargs="?", const=True)  # p.add_argument("--x", default=False, **FLAG)

@@ -19,7 +19,7 @@ import time
 import torch
 
 import moe
-from model import Transformer
+from model import FLAG, Transformer
 from tokenizer import TEMPLATES, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -259,7 +259,7 @@ def main(argv=None):
     p.add_argument("--prompt", default=None,
                    help="text, FILE:path, or - to read stdin (default: none, i.e. BOS alone; with --chat in a "
                         "terminal, ask)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template; converse in a terminal")
+    p.add_argument("--chat", default=False, **FLAG, help="wrap the prompt in the chat template; converse in a terminal")
     p.add_argument("--template", default=None, choices=TEMPLATES, help="chat template (default: the checkpoint's)")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -270,8 +270,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--show_experts", action="store_true", help="PESC: print the experts each generated token used")
+    p.add_argument("--compile", default=False, **FLAG, help="torch.compile the one-token decode step")
+    p.add_argument("--show_experts", default=False, **FLAG, help="PESC: print the experts each generated token used")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")

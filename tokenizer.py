@@ -345,7 +345,7 @@ class Tokenizer:
                 raise ValueError(f"{vocab_file}: id of {token!r} should be a non-negative integer, got {id!r}")
         to_byte = {c: b for b, c in byte_to_unicode().items()}
         # Specials: added tokens, else Qwen's three, taken from vocab.json when it lists them and
-        # otherwise appended after the last id (which gives SPEC's 151643.. for Qwen's vocab).
+        # otherwise appended after the last id (which gives Qwen's own 151643, 151644, 151645).
         specials = dict(added)
         for name in QWEN_SPECIALS:
             if name not in specials:

@@ -36,26 +36,17 @@ from torch.utils.checkpoint import checkpoint
 
 import moe
 from data import IGNORE_INDEX, InstructionData
-from model import Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
+from model import FLAG, Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
 
 # -----------------------------------------------------------------------------
 # Options
 
 
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def build_parser():
     # Defaults follow the official PESC recipe (the paper's training script) where it has one.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
     p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
     p.add_argument("--data", default="", help="PESC/Camelidae JSON, Alpaca JSON or chat JSONL")
     p.add_argument("--out_dir", default="out/pesc")
@@ -77,8 +68,7 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--template", default="", help="chat template; default: the checkpoint tokenizer's")
     g.add_argument("--seq_len", type=int, default=512)
-    g.add_argument("--pack", default=True, **flag, help="pack several examples per row")
-    g.add_argument("--no_pack", dest="pack", action="store_false", help="same as --pack false")
+    g.add_argument("--pack", default=True, **FLAG, help="pack several examples per row (--pack false: one per row)")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
@@ -101,9 +91,9 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
-    g.add_argument("--compile", default=False, **flag)
-    g.add_argument("--grad_checkpointing", default=False, **flag)
-    g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
+    g.add_argument("--compile", default=False, **FLAG)
+    g.add_argument("--grad_checkpointing", default=False, **FLAG)
+    g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
     return p
 
 
