@@ -77,6 +77,7 @@ class NF4Weight:
     absmax_offset: torch.Tensor  # () fp32 mean of the absmaxes; 0 without double quantization
     shape: tuple
     blocksize: int = 64
+    dtype: torch.dtype = torch.float32  # the dtype it was quantized from
 
     @property
     def double_quant(self) -> bool:
@@ -133,11 +134,12 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         absmax[start // blocksize:start // blocksize + chunk_absmax.numel()] = chunk_absmax
     if not double_quant:
         empty = torch.empty(0, dtype=torch.float32, device=weight.device)
-        return NF4Weight(codes, absmax, empty, torch.zeros((), device=weight.device), tuple(weight.shape), blocksize)
+        return NF4Weight(codes, absmax, empty, torch.zeros((), device=weight.device), tuple(weight.shape), blocksize,
+                         weight.dtype)
     offset = absmax.mean()
     scale, scaled = _block_scaled(absmax - offset, ABSMAX_BLOCKSIZE)
     absmax_codes = torch.bucketize(scaled, _midpoints(DYNAMIC_MAP).to(weight.device), out_int32=True)
-    return NF4Weight(codes, absmax_codes.to(torch.uint8), scale, offset, tuple(weight.shape), blocksize)
+    return NF4Weight(codes, absmax_codes.to(torch.uint8), scale, offset, tuple(weight.shape), blocksize, weight.dtype)
 
 
 def _check(packed: NF4Weight):
@@ -208,7 +210,7 @@ class NF4Linear(nn.Module):
     def __init__(self, packed: NF4Weight, bias=None):
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        self.shape, self.blocksize = packed.shape, packed.blocksize
+        self.shape, self.blocksize, self.dtype = packed.shape, packed.blocksize, packed.dtype
         for name, t in zip(("codes", "absmax", "absmax_scale", "absmax_offset"), packed.tensors()):
             self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -219,7 +221,8 @@ class NF4Linear(nn.Module):
 
     @property
     def packed(self) -> NF4Weight:
-        return NF4Weight(self.codes, self.absmax, self.absmax_scale, self.absmax_offset, self.shape, self.blocksize)
+        return NF4Weight(self.codes, self.absmax, self.absmax_scale, self.absmax_offset, self.shape, self.blocksize,
+                         self.dtype)
 
     def forward(self, x):
         return nf4_linear(x, self.packed, self.bias)

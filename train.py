@@ -101,6 +101,8 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
+    g.add_argument("--quantize", default="", choices=["", "nf4"],
+                   help="nf4: QLoRA, the frozen base linears in 4-bit NF4 (quant.py), as the official recipe")
     g.add_argument("--compile", default=False, **flag)
     g.add_argument("--grad_checkpointing", default=False, **flag)
     g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
@@ -174,7 +176,10 @@ def aux_term(model):
 
 def setup_model(args, device, ptdtype, log):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
-    model = Transformer.from_pretrained(args.init_from, device=device)
+    if args.quantize and args.mode == "full":
+        raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
+    # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
+    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
     for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
         p.data = p.data.to(ptdtype)
@@ -287,18 +292,23 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     deltas = {f"{n}.weight": m.scale * (m.lora_b.float() @ m.lora_a.float())
               for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
-    moe.merge_lora(model)
+    config = model.config  # the exported model: LoRA merged, every base weight in full precision
+    if config.moe is not None:
+        config = replace(config, moe=replace(config.moe, lora_rank=0))
+    with torch.device("meta"):
+        keys = list(Transformer(config).state_dict())  # an NF4 model's own state dict lacks its base
+    current = model.state_dict()
     base_file = {}
     for fname in checkpoint_files(init_from):
         with safe_open(fname, framework="pt") as f:
             base_file.update((k, fname) for k in f.keys())
 
     def tensors():  # one at a time, so the export never holds a second copy of the model
-        for k, v in model.state_dict().items():
-            if k == "output.weight" and model.config.tie_embeddings:
+        for k in keys:
+            if k == "output.weight" and config.tie_embeddings:
                 continue
             if k in trained or k not in base_file:
-                yield k, v.detach().to(dtype).contiguous()
+                yield k, current[k].detach().to(dtype).contiguous()
                 continue
             with safe_open(base_file[k], framework="pt") as f:
                 t = f.get_tensor(k)
@@ -319,7 +329,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
         ckpt = os.path.join(stage, "ckpt")
-        write_checkpoint(ckpt, model.config.to_dict(), tensors(), extra_files=extra)
+        write_checkpoint(ckpt, config.to_dict(), tensors(), extra_files=extra)
         names = sorted(os.listdir(ckpt), key=lambda n: n == "config.json")  # config.json last
         for old in os.listdir(out_dir):  # shards of an earlier export that this one does not have
             if (old.startswith("model") and old.endswith((".safetensors", ".index.json"))) and old not in names:
@@ -433,7 +443,8 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+        # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if master:  # a resumed run drops what its crashed predecessor logged past the checkpoint
