@@ -344,7 +344,10 @@ class Transformer(nn.Module):
 
     def num_params(self, trainable_only: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}.values()  # a tied weight counts once
-        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        n = sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        if not trainable_only:  # NF4 base weights are buffers, frozen
+            n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, quant.NF4Linear))
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """FLOPs of one training step per token (forward + backward).

@@ -436,5 +436,6 @@ def trainable_report(model) -> str:
     """'trainable 12,345 of 6,789,012 parameters (0.18%)'."""
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.NF4Linear))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
