@@ -66,6 +66,7 @@ def signed_dynamic_map() -> torch.Tensor:
 
 
 DYNAMIC_MAP = signed_dynamic_map()
+_LEVEL_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)  # (256, 2)
 
 
 @dataclass
@@ -157,14 +158,15 @@ def _check(packed: NF4Weight):
 def dequantize_torch(packed: NF4Weight, dtype=torch.float32) -> torch.Tensor:
     """The plain PyTorch dequantization (the kernel's twin): the weight in `dtype`."""
     _check(packed)
-    dev = packed.codes.device
+    dev, n, bs = packed.codes.device, packed.numel(), packed.blocksize
     absmax = packed.absmax
     if packed.double_quant:
         scale = packed.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[:absmax.numel()]
         absmax = DYNAMIC_MAP.to(dev)[absmax.long()] * scale + packed.absmax_offset
-    q = torch.stack([packed.codes >> 4, packed.codes & 15], dim=1).view(-1)[:packed.numel()]
-    w = NF4_LEVELS.to(dev)[q.long()] * absmax.repeat_interleave(packed.blocksize)[:packed.numel()]
-    return w.to(dtype).view(packed.shape)
+    codes = F.pad(packed.codes, (0, absmax.numel() * bs // 2 - packed.codes.numel()))  # whole blocks
+    # one gather per byte: (level of the high nibble, level of the low nibble)
+    w = torch.index_select(_LEVEL_PAIRS.to(dev), 0, codes.int()).view(-1, bs) * absmax[:, None]
+    return w.view(-1)[:n].to(dtype).view(packed.shape)
 
 
 def dequantize_nf4(packed: NF4Weight, dtype=torch.float32) -> torch.Tensor:
