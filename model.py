@@ -432,6 +432,9 @@ class Transformer(nn.Module):
         for key, p in packed.items():  # the meta nn.Linear gives way to the NF4 linear
             parent, name = key[:-len(".weight")].rsplit(".", 1)
             module = model.get_submodule(parent)
+            if type(getattr(module, name)) is not nn.Linear:
+                raise ValueError(f"{where[key]}: {key!r} carries unmerged LoRA; merge it into the base "
+                                 f"(moe.merge_lora, then save_pretrained) before loading with quantize='nf4'")
             setattr(module, name, quant.NF4Linear(p, getattr(module, name).bias))
         if config.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
