@@ -415,12 +415,13 @@ def bench_quant(args):
             print(f"[quant] dequantize ({name}) -> {str(dtype)[6:]}: {t * 1e3:.1f} ms, "
                   f"{packed.numel() / t / 1e6:,.0f} Mparam/s, {(packed.nbytes() + w.numel() * dtype.itemsize) / t / 1e9:.2f} GB/s moved")
     del w, packed
-    ctx = multiprocessing.get_context("spawn")
-    for mode in ("pesc+lora", "qlora"):
-        with ctx.Pool(1) as pool:
-            r = pool.apply(train_step_bench, (mode, dev, args.layers))
-        mem = f"peak {r['peak_mib'] / 1024:.2f} GiB" if "cuda" in dev else f"peak RSS {r['peak_mib']:.0f} MiB"
-        print(f"[quant] {r['model']} B={r['B']} T={r['T']} {mode:9s}: {r['tokens_per_s']:9.0f} tokens/s  {mem}")
+    # the two steps take turns (race), so the machine's noise falls on both alike
+    steps = [train_step(mode, dev, args.layers) for mode in ("pesc+lora", "qlora")]
+    times = race([step for step, _, _ in steps], warmup=2, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")
+    for mode, (_, r, _), t in zip(("pesc+lora", "qlora"), steps, times):
+        print(f"[quant] {r['model']} B={r['B']} T={r['T']} {mode:9s}: {t * 1e3:8.1f} ms/step, "
+              f"{r['B'] * r['T'] / t:8.0f} tokens/s")
+    print(f"[quant] NF4 QLoRA step / unquantized step: {times[1] / times[0]:.2f}")
 
 
 def bench_quant7b(args):
@@ -476,6 +477,24 @@ def train_step_bench(mode, device, layers):
 
     cuda = device.startswith("cuda")
     idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process before the model (KiB on Linux)
+    step, r, net = train_step(mode, device, layers)
+    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
+    tps = r["B"] * r["T"] / dt
+    r["tokens_per_s"] = tps
+    if cuda:
+        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if r["peak"] is not None:
+            r["mfu"] = net.estimate_mfu(tps, r["T"], r["peak"])
+    else:
+        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
+    return r
+
+
+def train_step(mode, device, layers):
+    """(one training step of `mode` as a function, its sizes, the model). mode: pesc, pesc+lora,
+    lora, full, or qlora (pesc+lora on an NF4 base)."""
+    cuda = device.startswith("cuda")
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
@@ -488,7 +507,7 @@ def train_step_bench(mode, device, layers):
     torch.manual_seed(0)
     with torch.device(device):
         net = Transformer(cfg).to(dtype)
-    if mode == "qlora":  # pesc+lora on an NF4 base
+    if mode == "qlora":
         quantize_base(net)
     if mode.startswith("pesc") or mode == "qlora":
         upcycle(net, replace(pesc, lora_rank=lora_rank if mode in ("pesc+lora", "qlora") else 0))
@@ -511,18 +530,8 @@ def train_step_bench(mode, device, layers):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
-    tps = B * T / dt
-    r = dict(model=name, B=B, T=T, tokens_per_s=tps, trainable=sum(p.numel() for p in params),
-             total=net.num_params())
-    if cuda:
-        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        if peak is not None:
-            r["mfu"] = net.estimate_mfu(tps, T, peak)
-    else:
-        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
-    return r
+    info = dict(model=name, B=B, T=T, trainable=sum(p.numel() for p in params), total=net.num_params(), peak=peak)
+    return step, info, net
 
 
 # -----------------------------------------------------------------------------
