@@ -412,8 +412,9 @@ def bench_quant(args):
             fns.append(lambda: quant.dequantize_nf4(packed, dtype))
             names.append("kernel")
         for name, t in zip(names, race(fns, warmup=1, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")):
+            moved = packed.nbytes() + packed.numel() * dtype.itemsize  # read the packed form, write the weight
             print(f"[quant] dequantize ({name}) -> {str(dtype)[6:]}: {t * 1e3:.1f} ms, "
-                  f"{packed.numel() / t / 1e6:,.0f} Mparam/s, {(packed.nbytes() + w.numel() * dtype.itemsize) / t / 1e9:.2f} GB/s moved")
+                  f"{packed.numel() / t / 1e6:,.0f} Mparam/s, {moved / t / 1e9:.2f} GB/s moved")
     del w, packed
     # the two steps take turns (race), so the machine's noise falls on both alike
     steps = [train_step(mode, dev, args.layers) for mode in ("pesc+lora", "qlora")]
@@ -536,8 +537,8 @@ def train_step(mode, device, layers):
 
 # -----------------------------------------------------------------------------
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train,
-            "quant": bench_quant, "quant7b": bench_quant7b}
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
+            "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b}
 
 
 def main():

@@ -66,7 +66,8 @@ def signed_dynamic_map() -> torch.Tensor:
 
 
 DYNAMIC_MAP = signed_dynamic_map()
-_LEVEL_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)  # (256, 2)
+# (256, 2): the levels of a byte's high and low nibble, so the twin dequantizes with one gather per byte
+_LEVEL_PAIRS = torch.stack([NF4_LEVELS[torch.arange(256) >> 4], NF4_LEVELS[torch.arange(256) & 15]], dim=1)
 
 
 @dataclass
@@ -164,7 +165,6 @@ def dequantize_torch(packed: NF4Weight, dtype=torch.float32) -> torch.Tensor:
         scale = packed.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[:absmax.numel()]
         absmax = DYNAMIC_MAP.to(dev)[absmax.long()] * scale + packed.absmax_offset
     codes = F.pad(packed.codes, (0, absmax.numel() * bs // 2 - packed.codes.numel()))  # whole blocks
-    # one gather per byte: (level of the high nibble, level of the low nibble)
     w = torch.index_select(_LEVEL_PAIRS.to(dev), 0, codes.int()).view(-1, bs) * absmax[:, None]
     return w.view(-1)[:n].to(dtype).view(packed.shape)
 
