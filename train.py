@@ -17,6 +17,7 @@ tokenizer; LoRA merged) that sample.py and convert.py read, metrics.jsonl, and t
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -533,9 +534,12 @@ def setup(args, given, where):
     if args.compile:
         run.model = torch.compile(run.model)
     if where.ddp:
-        # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank
+        # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank.
+        # torch 2.13 renamed the option (the old name warns); 2.11 and 2.12 know only the old one.
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
         run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None,
-                        broadcast_buffers=False)
+                        **{no_sync: False})
     start_metrics(run, resumed=state is not None)
     return run
 
