@@ -6,7 +6,9 @@ The format of one weight W (any shape, n elements), as `bitsandbytes.functional.
 blocksize=64, quant_type="nf4", compress_statistics=True)` stores it:
 
   1. Flatten W row-major in fp32 and cut it into blocks of `blocksize` (64) values; the last
-     block may be partial. absmax[b] = max |w| over block b (fp32, 0 for an all-zero block).
+     block may be partial. absmax[b] = max |w| over block b (fp32, 0 for an all-zero block;
+     bitsandbytes' PyTorch path stores 1e-38 for an all-zero partial block, its C++ one 0:
+     the weights dequantize to 0 either way).
   2. Scale: a full block multiplies by the reciprocal, x = w * (1 / max(absmax, 1e-38)); the
      partial block divides, x = w / max(absmax, 1e-38) (bitsandbytes does both; the roundings
      differ). x is clamped to [-1, 1].
