@@ -3,7 +3,7 @@ Benchmarks. Each section warms up, then times; numbers go to BENCHMARKS.md by ha
 machine, the date and the command.
 
     python bench.py                      # every section that fits the device
-    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, issue 3 sizes)
+    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, dim 1024, 4096 tokens)
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
@@ -26,10 +26,9 @@ import model
 import moe
 import quant
 from data import attention_inputs
-from model import FeedForward, ModelConfig, Transformer
-from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
+from model import FeedForward, ModelConfig, Transformer, peak_flops
+from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, set_trainable, upcycle
 from sample import DTYPES, generate
-from train import PEAK_FLOPS
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -76,7 +75,7 @@ def kernel_mode(mode, loop=False):
 
 
 # -----------------------------------------------------------------------------
-# One PESC layer vs the dense FFN (issue 3)
+# One PESC layer vs the dense FFN, on the CPU
 
 
 def adapter_experts_dense(y, weights, experts, down, up, scaling):
@@ -96,7 +95,8 @@ def bench_moe(args):
     D, F_, E, k, r, N = 1024, 2816, 8, 2, 64, 4096
     torch.manual_seed(0)
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)).to(dev)
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)
+    layer = PESCFeedForward(ffn, cfg).to(dev)
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)
     x = torch.randn(1, N, D, device=dev, dtype=dt, requires_grad=True)
@@ -106,7 +106,7 @@ def bench_moe(args):
         ffn(x).backward(g)
 
     def pesc_step():
-        layer(x).backward(g)
+        layer(x, cfg)[0].backward(g)
 
     # the MoE part alone: router, dispatch, adapters, combine, on a fixed FFN output
     y = torch.randn(N, D, device=dev, dtype=dt, requires_grad=True)
@@ -134,7 +134,7 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
-# Decoding (issue 5)
+# Decoding: the KV cache vs recomputing the sequence
 
 
 def bench_decode(args):
@@ -200,7 +200,7 @@ def bench_decode(args):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels vs their PyTorch twins (issue 7, GPU)
+# Triton kernels vs their PyTorch twins (GPU)
 
 
 def bench_kernels(args):
@@ -299,7 +299,8 @@ def bench_kernels(args):
     # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
     # and adapters only (the FFN is frozen), training mode (adapter dropout on).
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r)
+    layer = PESCFeedForward(ffn, cfg).train()
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
     trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
@@ -308,7 +309,7 @@ def bench_kernels(args):
     for mode in ("triton", "torch"):
         with kernel_mode(mode):
             d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
-            p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
+            p_ms, p_mib = measure(fwd_bwd(lambda x: layer(x, cfg)[0], (xl,), trainable))
         results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
         label = "kernels" if mode == "triton" else "twins  "
         print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
@@ -334,7 +335,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]
 
     def step():
         _, loss = net(idx, idx)
@@ -356,7 +357,7 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
-# Training throughput per mode (issue 6)
+# Training throughput per train.py --mode
 
 
 def bench_train(args):
@@ -499,7 +500,7 @@ def train_step(mode, device, layers):
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_flops(device)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")
@@ -513,8 +514,8 @@ def train_step(mode, device, layers):
     if mode.startswith("pesc") or mode == "qlora":
         upcycle(net, replace(pesc, lora_rank=lora_rank if mode in ("pesc+lora", "qlora") else 0))
     elif mode == "lora":
-        net.requires_grad_(False)
         add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
+    set_trainable(net, "pesc" if mode == "qlora" else mode.split("+")[0])  # the rule train.setup_model applies
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
         p.data = p.data.float()
