@@ -7,6 +7,8 @@ machine, the date and the command.
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
+    python bench.py --only quant         # NF4: bytes/param, dequantize throughput, QLoRA step
+    python bench.py --only quant7b       # NF4: resident memory of a Llama-2-7B-shaped quantized base
 """
 
 import argparse
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 import kernels
 import model
 import moe
+import quant
 from data import attention_inputs
 from model import FeedForward, ModelConfig, Transformer, peak_flops
 from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, set_trainable, upcycle
@@ -381,12 +384,119 @@ def bench_train(args):
     return results
 
 
+# -----------------------------------------------------------------------------
+# NF4 / QLoRA (issue 14)
+
+
+def quantize_base(net):
+    """Swap the seven base linears of every layer for NF4 ones, in place (the in-memory twin of
+    Transformer.from_pretrained(quantize="nf4"))."""
+    for layer in net.layers:
+        for parent in (layer.attention, layer.feed_forward):
+            for name in LORA_TARGETS.values():
+                if isinstance(getattr(parent, name, None), torch.nn.Linear):
+                    setattr(parent, name, quant.NF4Linear.from_linear(getattr(parent, name)))
+
+
+def bench_quant(args):
+    """Bytes per base parameter, the twin's (or on CUDA the kernel's) dequantize throughput on a
+    Llama-2-7B FFN weight, and a QLoRA PESC training step against the same step unquantized."""
+    dev = args.device
+    w = torch.randn(11008, 4096, device=dev, dtype=torch.bfloat16) * 0.02
+    packed = quant.quantize_nf4(w)
+    print(f"[quant] 11008x4096 weight: {packed.nbytes() / packed.numel():.4f} bytes/param in NF4 "
+          f"(double-quantized absmax), {w.element_size()} in bf16; {8 * packed.nbytes() / packed.numel():.3f} bits")
+    for dtype in (torch.bfloat16, torch.float32):
+        fns = [lambda: quant.dequantize_torch(packed, dtype)]
+        names = ["twin"]
+        if dev.startswith("cuda"):
+            fns.append(lambda: quant.dequantize_nf4(packed, dtype))
+            names.append("kernel")
+        for name, t in zip(names, race(fns, warmup=1, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")):
+            moved = packed.nbytes() + packed.numel() * dtype.itemsize  # read the packed form, write the weight
+            print(f"[quant] dequantize ({name}) -> {str(dtype)[6:]}: {t * 1e3:.1f} ms, "
+                  f"{packed.numel() / t / 1e6:,.0f} Mparam/s, {moved / t / 1e9:.2f} GB/s moved")
+    del w, packed
+    # the two steps take turns (race), so the machine's noise falls on both alike
+    steps = [train_step(mode, dev, args.layers) for mode in ("pesc+lora", "qlora")]
+    times = race([step for step, _, _ in steps], warmup=2, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")
+    for mode, (_, r, _), t in zip(("pesc+lora", "qlora"), steps, times):
+        print(f"[quant] {r['model']} B={r['B']} T={r['T']} {mode:9s}: {t * 1e3:8.1f} ms/step, "
+              f"{r['B'] * r['T'] / t:8.0f} tokens/s")
+    print(f"[quant] NF4 QLoRA step / unquantized step: {times[1] / times[0]:.2f}")
+
+
+def bench_quant7b(args):
+    """Resident memory of a Llama-2-7B-shaped model whose base linears are NF4, built on the CPU
+    from random bf16 weights one tensor at a time (as from_pretrained(quantize="nf4") loads)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        r = pool.apply(quant7b_build)
+    print(f"[quant7b] llama2-7b, base linears in NF4, the rest bf16: {r['params'] / 1e9:.3f}B parameters, "
+          f"built in {r['seconds']:.0f} s")
+    print(f"[quant7b] tensors {r['tensor_gib']:.2f} GiB (NF4 linears {r['nf4_gib']:.2f} GiB for "
+          f"{r['nf4_params'] / 1e9:.3f}B params = {r['nf4_bytes_per_param']:.4f} B/param; bf16 would be "
+          f"{2 * r['params'] / 2**30:.2f} GiB); resident {r['rss_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, "
+          f"idle process {r['idle_gib']:.2f} GiB")
+
+
+def quant7b_build():
+    import resource
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    idle = rss()
+    t0 = time.perf_counter()
+    cfg = ModelConfig.from_preset("llama2-7b")
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    nf4_bytes = nf4_params = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name in LORA_TARGETS.values():
+                w = torch.empty(child.weight.shape, dtype=torch.bfloat16).normal_(0, 0.02)
+                nf4 = quant.NF4Linear(quant.quantize_nf4(w))
+                del w
+                setattr(module, name, nf4)
+                nf4_bytes += nf4.packed.nbytes()
+                nf4_params += nf4.in_features * nf4.out_features
+    for module in net.modules():  # embeddings, norms, LM head: bf16
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=torch.bfloat16).normal_(0, 0.02),
+                                                     requires_grad=False))
+    other = sum(p.numel() * p.element_size() for p in net.parameters())
+    return dict(params=net.num_params(), seconds=time.perf_counter() - t0, nf4_params=nf4_params,
+                nf4_gib=nf4_bytes / 2**30, nf4_bytes_per_param=nf4_bytes / nf4_params,
+                tensor_gib=(nf4_bytes + other) / 2**30, rss_gib=rss(), idle_gib=idle,
+                peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
 def train_step_bench(mode, device, layers):
     """One mode of bench_train, in its own process."""
     import resource
 
     cuda = device.startswith("cuda")
     idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process before the model (KiB on Linux)
+    step, r, net = train_step(mode, device, layers)
+    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
+    tps = r["B"] * r["T"] / dt
+    r["tokens_per_s"] = tps
+    if cuda:
+        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if r["peak"] is not None:
+            r["mfu"] = net.estimate_mfu(tps, r["T"], r["peak"])
+    else:
+        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
+    return r
+
+
+def train_step(mode, device, layers):
+    """(one training step of `mode` as a function, its sizes, the model). mode: pesc, pesc+lora,
+    lora, full, or qlora (pesc+lora on an NF4 base)."""
+    cuda = device.startswith("cuda")
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
@@ -399,11 +509,13 @@ def train_step_bench(mode, device, layers):
     torch.manual_seed(0)
     with torch.device(device):
         net = Transformer(cfg).to(dtype)
-    if mode.startswith("pesc"):
-        upcycle(net, replace(pesc, lora_rank=lora_rank if mode == "pesc+lora" else 0))
+    if mode == "qlora":
+        quantize_base(net)
+    if mode.startswith("pesc") or mode == "qlora":
+        upcycle(net, replace(pesc, lora_rank=lora_rank if mode in ("pesc+lora", "qlora") else 0))
     elif mode == "lora":
         add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
-    set_trainable(net, mode.split("+")[0])  # the rule train.setup_model applies
+    set_trainable(net, "pesc" if mode == "qlora" else mode.split("+")[0])  # the rule train.setup_model applies
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
         p.data = p.data.float()
@@ -420,23 +532,14 @@ def train_step_bench(mode, device, layers):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
-    tps = B * T / dt
-    r = dict(model=name, B=B, T=T, tokens_per_s=tps, trainable=sum(p.numel() for p in params),
-             total=net.num_params())
-    if cuda:
-        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        if peak is not None:
-            r["mfu"] = net.estimate_mfu(tps, T, peak)
-    else:
-        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
-    return r
+    info = dict(model=name, B=B, T=T, trainable=sum(p.numel() for p in params), total=net.num_params(), peak=peak)
+    return step, info, net
 
 
 # -----------------------------------------------------------------------------
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train}
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
+            "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b}
 
 
 def main():

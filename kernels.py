@@ -12,10 +12,11 @@ fp32 inputs, and every dot under the interpreter, use exact IEEE fp32 dots.
     apply_rope            rotary embedding, "halves" (Hugging Face) layout
     linear_cross_entropy  LM head + cross-entropy, chunked over tokens, no (N, V) fp32 logits
     adapter_experts       the PESC adapter experts: sort by expert, grouped GEMMs, combine
+    nf4_dequantize        NF4 (QLoRA format, double-quantized absmaxes) -> compute-dtype weight
 
 Their references, which tests/test_kernels.py holds them equal to, are the code the model runs
 without them: model.rms_norm_torch, model.swiglu_torch, model.apply_rope_torch, model.cross_entropy
-after the LM head, and moe.adapter_experts_loop.
+after the LM head, moe.adapter_experts_loop, and quant.dequantize_torch.
 """
 import os
 from types import SimpleNamespace
@@ -707,3 +708,50 @@ def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, train
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
     return _AdapterExperts.apply(y.contiguous(), weights.contiguous(), experts.contiguous(), down.contiguous(),
                                  up.contiguous(), float(scaling), p, int(seed or 0))
+
+
+# -----------------------------------------------------------------------------------------------
+# NF4 dequantization (the format is written down in quant.py; the tables come in as tensors)
+
+@_jit
+def _nf4_dequantize(codes_ptr, absmax_ptr, scale_ptr, offset_ptr, levels_ptr, map_ptr, out_ptr,
+                    n, n_bytes, n_blocks, HALF: tl.constexpr, BLOCKS: tl.constexpr,
+                    ABSMAX_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    # One program: BLOCKS quantization blocks of HALF bytes (2 * HALF weights) each.
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
+    block_mask = blocks < n_blocks
+    if DOUBLE_QUANT:  # absmax = map[code] * scale + offset, in fp32
+        a_code = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
+        scale = tl.load(scale_ptr + blocks // ABSMAX_BLOCK, mask=block_mask, other=0.0)
+        absmax = tl.load(map_ptr + a_code, mask=block_mask, other=0.0) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
+    byte = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCKS, HALF)
+    packed = tl.load(codes_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    hi = tl.load(levels_ptr + (packed >> 4)) * absmax[:, None]  # element 2 * byte
+    lo = tl.load(levels_ptr + (packed & 15)) * absmax[:, None]  # element 2 * byte + 1
+    tl.store(out_ptr + 2 * byte, hi.to(out_ptr.dtype.element_ty), mask=2 * byte < n)
+    tl.store(out_ptr + 2 * byte + 1, lo.to(out_ptr.dtype.element_ty), mask=2 * byte + 1 < n)
+
+
+def nf4_dequantize(codes, absmax, absmax_scale, absmax_offset, levels, dyn_map, shape, blocksize, dtype,
+                   absmax_blocksize=256):
+    """The weight of `shape` in `dtype` from its NF4 codes and absmaxes (uint8 double-quantized
+    codes with their fp32 scales and offset, or fp32 absmaxes), one pass.
+
+    levels (16,) and dyn_map (256,) are the format's fp32 tables (quant.NF4_LEVELS, DYNAMIC_MAP)."""
+    n = 1
+    for s in shape:
+        n *= s
+    n_blocks = absmax.numel()
+    if codes.dtype != torch.uint8 or codes.numel() != (n + 1) // 2 or n_blocks != _cdiv(n, blocksize):
+        raise ValueError(f"nf4_dequantize: {codes.numel()} {codes.dtype} codes and {n_blocks} absmaxes "
+                         f"do not hold a {tuple(shape)} weight in blocks of {blocksize}")
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    half = blocksize // 2
+    BLOCKS = max(1, min(_pow2(n_blocks), 4096 // half))  # 4 KB of codes per program
+    _nf4_dequantize[(_cdiv(n_blocks, BLOCKS),)](
+        codes, absmax, absmax_scale, absmax_offset, levels, dyn_map, out, n, codes.numel(), n_blocks,
+        HALF=half, BLOCKS=BLOCKS, ABSMAX_BLOCK=absmax_blocksize, DOUBLE_QUANT=absmax.dtype == torch.uint8,
+        num_warps=_num_warps(BLOCKS * half))
+    return out

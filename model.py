@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 import moe
+import quant
 from moe import PESCConfig
 
 # -----------------------------------------------------------------------------
@@ -418,7 +420,10 @@ class Transformer(nn.Module):
 
     def num_params(self, trainable_only: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}.values()  # a tied weight counts once
-        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        n = sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        if not trainable_only:  # NF4 base weights are buffers, frozen
+            n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, quant.NF4Linear))
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """FLOPs of one training step per token (forward + backward).
@@ -430,7 +435,9 @@ class Transformer(nn.Module):
         that backward (the causal half is not discounted, as in PaLM's formula)."""
         flops = 0.0
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, quant.NF4Linear):  # frozen: forward and input gradient only
+                flops += 4 * m.in_features * m.out_features
+            elif isinstance(m, nn.Linear) and m.weight is not None:  # (a LoRA over NF4 has none)
                 n = m.weight.numel()
                 flops += (6 if m.weight.requires_grad else 4) * n
             elif isinstance(m, moe.PESCFeedForward):
@@ -449,13 +456,18 @@ class Transformer(nn.Module):
     # -- checkpoints -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None):
         """Load a project checkpoint directory strictly: every tensor present, known, well shaped.
 
         The model is built on the meta device and the loaded tensors are assigned into it, so
-        loading never holds two copies of the weights."""
+        loading never holds two copies of the weights. quantize="nf4" stores the seven base
+        linears of every layer (q, k, v, o, gate, up, down) in NF4 (quant.py) as each tensor
+        streams in, so the full-precision base is never in memory at once; dtype then applies to
+        the other tensors (embeddings, norms, LM head, biases, routers, adapters, LoRA)."""
         from safetensors import safe_open
 
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file}: no config.json, not a project checkpoint")
@@ -469,20 +481,37 @@ class Transformer(nn.Module):
 
         files = checkpoint_files(path)
         device = torch.device(device or "cpu")
-        state = {}
+        state, where, packed = {}, {}, {}
         for fname in files:
             with safe_open(fname, framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if key not in expected:
-                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config")
+                        quantized = any(s in key for s in (".absmax", ".quant_map", ".quant_state", ".SCB"))
+                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config"
+                                       + (" (the checkpoint is already quantized; load the full-precision "
+                                          "base)" if quantized else ""))
                     t = f.get_tensor(key)
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"config expects {tuple(expected[key].shape)}")
-                    state[key] = t.to(dtype) if dtype is not None else t
-        missing = sorted(set(expected) - set(state))
+                    if quantize and _QUANTIZED_KEY.fullmatch(key):
+                        if not t.is_floating_point():
+                            raise ValueError(f"{fname}: {key!r} is {t.dtype}, already quantized; "
+                                             f"quantize='nf4' needs the full-precision base")
+                        packed[key] = quant.quantize_nf4(t)  # t is dropped here: one tensor at a time
+                    else:
+                        state[key] = t.to(dtype) if dtype is not None else t
+                    where[key] = fname
+        missing = sorted(set(expected) - set(where))
         if missing:
             raise KeyError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for key, p in packed.items():  # the meta nn.Linear gives way to the NF4 linear
+            parent, name = key[:-len(".weight")].rsplit(".", 1)
+            module = model.get_submodule(parent)
+            if type(getattr(module, name)) is not nn.Linear:
+                raise ValueError(f"{where[key]}: {key!r} carries unmerged LoRA; merge it into the base "
+                                 f"(moe.merge_lora, then save_pretrained) before loading with quantize='nf4'")
+            setattr(module, name, quant.NF4Linear(p, getattr(module, name).bias))
         if config.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -512,6 +541,12 @@ def peak_flops(device=None):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LORA_TARGETS),
+# never embeddings, norms, the LM head, routers or adapters.
+_QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"
+                            % "|".join(moe.LORA_TARGETS.values()))
 
 
 def cross_entropy(logits, targets, ignore_index=-100):

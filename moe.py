@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import quant
 
 
 @dataclass
@@ -271,10 +272,11 @@ class PESCFeedForward(nn.Module):
         self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3  # keep the dense names and tensors
         dim = self.w1.in_features
         E, r = config.num_experts, config.adapter_dim
-        w = self.w1.weight
-        self.router = nn.Linear(dim, E, bias=False, device=w.device, dtype=w.dtype)
-        self.adapter_down = nn.Parameter(torch.empty(E, r, dim, device=w.device, dtype=w.dtype))  # D_e
-        self.adapter_up = nn.Parameter(torch.zeros(E, dim, r, device=w.device, dtype=w.dtype))  # U_e = 0
+        nf4 = isinstance(self.w1, quant.NF4Linear)  # QLoRA: the adapters take the dtype it came from
+        device, dtype = (self.w1.codes.device, self.w1.dtype) if nf4 else (self.w1.weight.device, self.w1.weight.dtype)
+        self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
+        self.adapter_down = nn.Parameter(torch.empty(E, r, dim, device=device, dtype=dtype))  # D_e
+        self.adapter_up = nn.Parameter(torch.zeros(E, dim, r, device=device, dtype=dtype))  # U_e = 0
         # D_e as nn.Linear(dim, r) would be: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(dim), 1/sqrt(dim))
         bound = 1 / math.sqrt(dim)
         nn.init.uniform_(self.adapter_down, -bound, bound)
@@ -345,45 +347,67 @@ def pesc_layers(model):
 
 
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha/r) B A dropout(x)."""
+    """A frozen base linear plus a trainable low-rank update: base(x) + (alpha/r) B A dropout(x).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    The base is an nn.Linear, whose weight and bias become this module's (state-dict keys
+    unchanged), or a quant.NF4Linear (QLoRA), kept whole as `.base`: its NF4 weight has no
+    state-dict key. The LoRA tensors start in the base weight's dtype."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # same tensors: state-dict keys unchanged
-        w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        if isinstance(base, quant.NF4Linear):
+            self.base, self.weight, self.bias = base, None, None
+            device, dtype = base.codes.device, base.dtype
+        else:
+            self.base = None
+            self.weight, self.bias = base.weight, base.bias  # same tensors: state-dict keys unchanged
+            device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # B = 0: starts as the base linear
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+        base = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
+        # in x's dtype: a no-op for a full-precision base; fp32 LoRA beside a bf16-computing NF4 base
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return base + self.scale * lora.to(base.dtype)
 
 
 def add_lora(model, targets, rank: int, alpha: float, dropout: float):
-    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA."""
+    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA;
+    a base linear may be full precision (nn.Linear) or NF4 (quant.NF4Linear)."""
     names = {LORA_TARGETS[t] for t in targets}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if name in names and type(child) is nn.Linear:
+            if name in names and type(child) in (nn.Linear, quant.NF4Linear):
                 setattr(module, name, LoRALinear(child, rank, alpha, dropout))
     return model
 
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every LoRA update into its base weight and drop the LoRA tensors (in place)."""
+    """Fold every LoRA update into its base weight and drop the LoRA tensors (in place).
+
+    An NF4 base becomes a full-precision nn.Linear (dequantized weight + update, in the LoRA's
+    dtype): the sum is not on the NF4 grid. To merge into the original base instead, add the
+    update to the base's file tensors, as train.py's export does."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 delta = child.scale * (child.lora_b.float() @ child.lora_a.float())
-                child.weight += delta.to(child.weight.dtype)
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
+                if child.base is not None:
+                    nf4 = child.base
+                    weight = nn.Parameter((quant.dequantize_nf4(nf4.packed) + delta.to(nf4.codes.device))
+                                          .to(child.lora_a.dtype), requires_grad=False)
+                    bias = nf4.bias
+                else:
+                    child.weight += delta.to(child.weight.dtype)
+                    weight, bias = child.weight, child.bias
+                plain = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
+                plain.weight, plain.bias = weight, bias
                 setattr(module, name, plain)
     if getattr(model.config, "moe", None) is not None:
         model.config = replace(model.config, moe=replace(model.config.moe, lora_rank=0))
@@ -441,5 +465,6 @@ def trainable_report(model) -> str:
     """'trainable 12,345 of 6,789,012 parameters (0.18%)'."""
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.NF4Linear))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

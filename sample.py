@@ -270,6 +270,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="nf4: hold the base linears in 4-bit NF4 (quant.py), quantized while loading")
     p.add_argument("--compile", default=False, **FLAG, help="torch.compile the one-token decode step")
     p.add_argument("--show_experts", default=False, **FLAG, help="PESC: print the experts each generated token used")
     args = p.parse_args(argv)
@@ -289,13 +291,15 @@ def main(argv=None):
     else:
         dtype = torch.float32
     t0 = time.perf_counter()
-    model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype).eval()
+    model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype, quantize=args.quantize).eval()
     tokenizer = Tokenizer(args.ckpt, template=args.template)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"{args.ckpt}: the tokenizer has {tokenizer.vocab_size} ids but the model's embedding "
                          f"only {model.config.vocab_size}")
     c = model.config
     kind = (f"PESC {c.moe.num_experts} experts top-{c.moe.top_k}" if c.moe is not None else "dense")
+    if args.quantize:
+        kind += f", base linears in {args.quantize}"
     log(f"loaded {args.ckpt}: {model.num_params():,} parameters, {kind}, {str(dtype)[6:]} on {device}, "
         f"{tokenizer.kind} tokenizer, in {time.perf_counter() - t0:.1f} s")
 

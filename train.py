@@ -17,6 +17,7 @@ tokenizer; LoRA merged) that sample.py and convert.py read, metrics.jsonl, and t
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -93,6 +94,8 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
+    g.add_argument("--quantize", default="", choices=["", "nf4"],
+                   help="nf4: QLoRA, the frozen base linears in 4-bit NF4 (quant.py), as the official recipe")
     g.add_argument("--compile", default=False, **FLAG)
     g.add_argument("--grad_checkpointing", default=False, **FLAG)
     g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
@@ -161,7 +164,10 @@ def get_lr(it, total, args):
 
 def setup_model(args, device, ptdtype, log):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
-    model = Transformer.from_pretrained(args.init_from, device=device)
+    if args.quantize and args.mode == "full":
+        raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
+    # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
+    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
     for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
         p.data = p.data.to(ptdtype)
@@ -270,18 +276,23 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     deltas = {f"{n}.weight": m.scale * (m.lora_b.float() @ m.lora_a.float())
               for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
-    moe.merge_lora(model)
+    config = model.config  # the exported model: LoRA merged, every base weight in full precision
+    if config.moe is not None:
+        config = replace(config, moe=replace(config.moe, lora_rank=0))
+    with torch.device("meta"):
+        keys = list(Transformer(config).state_dict())  # an NF4 model's own state dict lacks its base
+    current = model.state_dict()
     base_file = {}
     for fname in checkpoint_files(init_from):
         with safe_open(fname, framework="pt") as f:
             base_file.update((k, fname) for k in f.keys())
 
     def tensors():  # one at a time, so the export never holds a second copy of the model
-        for k, v in model.state_dict().items():
-            if k == "output.weight" and model.config.tie_embeddings:
+        for k in keys:
+            if k == "output.weight" and config.tie_embeddings:
                 continue
             if k in trained or k not in base_file:
-                yield k, v.detach().to(dtype).contiguous()
+                yield k, current[k].detach().to(dtype).contiguous()
                 continue
             with safe_open(base_file[k], framework="pt") as f:
                 t = f.get_tensor(k)
@@ -294,7 +305,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
         ckpt = os.path.join(stage, "ckpt")
-        write_checkpoint(ckpt, model.config.to_dict(), tensors(), extra_files=extra)
+        write_checkpoint(ckpt, config.to_dict(), tensors(), extra_files=extra)
         # out_dir also holds train_state/ and metrics.jsonl, so the export cannot be one rename.
         # config.json makes a directory a checkpoint: the old one goes first and the new one comes
         # last, so a crash while moving leaves no checkpoint (resume to finish it), never a mixed one.
@@ -488,7 +499,12 @@ def setup(args, given, where):
     if args.compile:
         run.model = torch.compile(run.model)
     if where.ddp:
-        run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None)
+        # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank.
+        # torch 2.13 renamed the option (the old name warns); 2.11 and 2.12 know only the old one.
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None,
+                        **{no_sync: False})
     start_metrics(run, resumed=state is not None)
     return run
 
