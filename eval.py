@@ -863,6 +863,7 @@ def harness_adapter():
                     out[i] = text
             return out
 
+    PESCLM.__qualname__ = "PESCLM"  # it is eval.PESCLM to the user
     _HARNESS_LM = register_model("pesc")(PESCLM)
     return _HARNESS_LM
 

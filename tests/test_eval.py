@@ -550,3 +550,26 @@ def test_adapter_matches_the_harness_hf_backend(tmp_path, ckpts, monkeypatch):
         (text,) = ours.generate_until([Instance("generate_until", {}, (t, {"until": ["fox"], "max_gen_toks": 6}), 0)],
                                       disable_tqdm=True)
         assert text == ev.cut_at_stops(ours.tokenizer.decode([i for i in our_new if i != 2]), ["fox", "</s>"])
+
+    # the command line: the harness's own task definitions through the adapter
+    out, samples = tmp_path / "h.json", tmp_path / "h.jsonl"
+    ev.main(["--ckpt", str(ckpts / "dense"), "--harness", "tiny_mc", "--include_path", str(tmp_path / "tasks"),
+             "--shots", "1", "--batch_size", "4", "--device", "cpu", "--out", str(out), "--log_samples", str(samples)])
+    written = json.loads(out.read_text())
+    assert written["results"]["tiny_mc"]["acc,none"] == results["pesc"]["results"]["tiny_mc"]["acc,none"]
+    assert written["checkpoint"]["fingerprint"] == ev.fingerprint(str(ckpts / "dense"))
+    assert [json.loads(l)["task"] for l in samples.read_text().splitlines()] == ["tiny_mc"] * 3
+
+
+def test_eval_runs_without_lm_eval_and_says_how_to_install_it(monkeypatch, tmp_path, ckpts):
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it now fails
+    monkeypatch.setattr(ev, "_HARNESS_LM", None)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        ev.PESCLM
+    with pytest.raises(SystemExit, match="pip install lm-eval"):
+        ev.main(["--ckpt", str(ckpts / "pesc"), "--harness", "mmlu"])
+    task = f"mc={write_jsonl(tmp_path / 'arc.jsonl', arc_rows(2))}"  # local tasks still run
+    ev.main(["--ckpt", str(ckpts / "pesc"), "--task", task, "--quiet", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["n"] == 2
