@@ -277,16 +277,20 @@ def load_task(spec, shots, limit):
         raise TaskError(f"--task {spec!r}: expected KIND=PATH with KIND one of {', '.join(KINDS)}")
     path, _, fewshot = paths.partition(",")
     fewshot = fewshot or None
+    stem = os.path.splitext(os.path.basename(path))[0]
     if kind == "mmlu":
-        return Task("mmlu", "mc", load_mmlu(path, shots, limit))
-    if kind == "hellaswag":
-        return Task("hellaswag", "mc", load_choices(path, fewshot, shots, limit, hellaswag_doc))
-    if kind == "mc":
-        return Task(f"mc:{os.path.splitext(os.path.basename(path))[0]}", "mc",
-                    load_choices(path, fewshot, shots, limit, arc_doc))
-    if kind == "gsm8k":
-        return Task("gsm8k", "gen", load_gsm8k(path, fewshot, shots, limit))
-    return Task(f"ppl:{os.path.splitext(os.path.basename(path))[0]}", "ppl", load_ppl(path, limit))
+        task = Task("mmlu", "mc", load_mmlu(path, shots, limit))
+    elif kind == "hellaswag":
+        task = Task("hellaswag", "mc", load_choices(path, fewshot, shots, limit, hellaswag_doc))
+    elif kind == "mc":
+        task = Task(f"mc:{stem}", "mc", load_choices(path, fewshot, shots, limit, arc_doc))
+    elif kind == "gsm8k":
+        task = Task("gsm8k", "gen", load_gsm8k(path, fewshot, shots, limit))
+    else:
+        task = Task(f"ppl:{stem}", "ppl", load_ppl(path, limit))
+    if not task.items:
+        raise TaskError(f"{path}: no documents to score")
+    return task
 
 
 # -----------------------------------------------------------------------------
@@ -689,8 +693,10 @@ def run_task(model, tokenizer, task, args, rank=0, world=1):
         gathered = [None] * world
         dist.all_gather_object(gathered, outcomes)
         outcomes = [gathered[i % world][i // world] for i in range(len(task.items))]
-        if counts is not None:
-            dist.all_reduce(counts)  # float64 sums on the CPU: gloo
+        if counts is not None:  # on the model's device: NCCL reduces CUDA tensors only
+            summed = counts.to(model.output.weight.device)
+            dist.all_reduce(summed)
+            counts = summed.cpu()
     return outcomes, counts
 
 
@@ -787,7 +793,8 @@ def write_results(args, rows, samples, routing):
         stem = os.path.splitext(args.out)[0]
         for name, r in routing.items():
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-            write_atomic(f"{stem}.{safe}.routing.svg", routing_svg(r["share"], f"{name}: {os.path.basename(args.ckpt)}"))
+            title = f"{name}: {os.path.basename(os.path.abspath(args.ckpt))}"
+            write_atomic(f"{stem}.{safe}.routing.svg", routing_svg(r["share"], title))
     if args.log_samples:
         write_atomic(args.log_samples, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 

@@ -122,7 +122,8 @@ def reference_loglikelihood(model, ctx, cont):
     ids = torch.tensor([ctx + cont[:-1]])
     logprobs = F.log_softmax(model(ids)[0][0].float(), dim=-1)
     rows = logprobs[len(ctx) - 1:]
-    return rows.gather(-1, torch.tensor(cont)[:, None]).sum().item(), bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    cont = torch.tensor(cont)
+    return rows.gather(-1, cont[:, None]).sum().item(), bool((rows.argmax(-1) == cont).all())
 
 
 # -----------------------------------------------------------------------------
@@ -146,13 +147,13 @@ def test_hellaswag_arc_gsm8k_prompts_and_shot_sampling(tmp_path):
     hs = [{"activity_label": "Baking", "ctx_a": "A cook mixes flour.", "ctx_b": "she THEN", "ctx": "unused",
            "endings": ["bakes it [title] in an oven.", "sings  loudly."], "label": i % 2} for i in range(3)]
     shots = [{**h, "activity_label": f"Shot{i}"} for i, h in enumerate(hs)]
-    task = ev.load_task(f"hellaswag={write_jsonl(tmp_path / 'hs.jsonl', hs)},{write_jsonl(tmp_path / 's.jsonl', shots)}",
-                        shots=2, limit=None)
+    files = f"{write_jsonl(tmp_path / 'hs.jsonl', hs)},{write_jsonl(tmp_path / 's.jsonl', shots)}"
+    task = ev.load_task(f"hellaswag={files}", shots=2, limit=None)
     rnd = random.Random(1234)  # the harness's default sampler: one generator, rnd.sample per document
     for item in task.items:
         drawn = rnd.sample(range(3), 2)
-        examples = "".join(f"Shot{j}: A cook mixes flour. She then {['bakes it. in an oven.', 'sings loudly.'][j % 2]}\n\n"
-                           for j in drawn)
+        endings = ["bakes it. in an oven.", "sings loudly."]
+        examples = "".join(f"Shot{j}: A cook mixes flour. She then {endings[j % 2]}\n\n" for j in drawn)
         assert item.prompt == examples + "Baking: A cook mixes flour. She then"
         assert item.choices == ["bakes it. in an oven.", "sings loudly."]
 
@@ -371,6 +372,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
         ev.load_task(f"gsm8k={good},{good}", 3, None)
     with pytest.raises(ev.TaskError, match=r"needs a few-shot file"):
         ev.load_task(f"gsm8k={good}", 1, None)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ev.TaskError, match=r"empty\.jsonl: no documents to score"):
+        ev.load_task(f"ppl={tmp_path / 'empty.jsonl'}", 0, None)
     with pytest.raises(ev.TaskError, match=r"KIND one of"):
         ev.load_task(f"squad={good}", 0, None)
 
@@ -415,7 +419,8 @@ def test_routing_share_counts_the_tokens_the_model_saw(byte_tok):
 
 def write_tasks(folder):
     return [f"mmlu={write_mmlu(folder / 'mmlu')}",
-            f"gsm8k={write_jsonl(folder / 'g.jsonl', gsm8k_rows(3))},{write_jsonl(folder / 'gs.jsonl', gsm8k_rows(3, 10))}",
+            f"gsm8k={write_jsonl(folder / 'g.jsonl', gsm8k_rows(3))},"
+            f"{write_jsonl(folder / 'gs.jsonl', gsm8k_rows(3, 10))}",
             f"mc={write_jsonl(folder / 'arc.jsonl', arc_rows(5))},{write_jsonl(folder / 'arcs.jsonl', arc_rows(3))}",
             f"ppl={write_jsonl(folder / 'text.jsonl', [{'text': 'a llama. ' * k} for k in (2, 40)])}"]
 
@@ -438,7 +443,8 @@ def test_cli_writes_results_samples_and_heatmaps(tmp_path, ckpts, capsys):
     got = {(r["task"], r["metric"]): r for r in result["results"]}
     assert set(got) == {("mmlu", "acc"), ("mmlu", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
                         ("gsm8k", "exact_match,flexible-extract"), ("mc:arc", "acc"), ("mc:arc", "acc_norm"),
-                        ("ppl:text", "token_perplexity"), ("ppl:text", "byte_perplexity"), ("ppl:text", "bits_per_byte")}
+                        ("ppl:text", "token_perplexity"), ("ppl:text", "byte_perplexity"),
+                        ("ppl:text", "bits_per_byte")}
     assert got["mmlu", "acc"]["n"] == 4 and got["gsm8k", "exact_match,strict-match"]["n"] == 2  # --limit 2
     assert all(set(r) == {"task", "shots", "metric", "value", "stderr", "n"} for r in result["results"])
     for name in ("mmlu", "gsm8k", "mc_arc", "ppl_text"):
