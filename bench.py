@@ -8,7 +8,7 @@ machine, the date and the command.
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
     python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
-    python bench.py --only compare       # dense LoRA vs full vs PESC, tuned and scored (CPU minutes)
+    OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
 """
 
 import argparse
@@ -501,9 +501,9 @@ def bench_eval(args):
 def bench_compare(args):
     """Instruction-tune one small base three ways and score the three on the same held-out tasks.
 
-    The base is like the demo's (train.py), on a smaller budget: the tiny preset pretrained (500
+    The base is like the demo's (train.py), on a smaller budget: the tiny preset pretrained (1500
     steps of 8 x 128 tokens) on generated "Q: .. A: .." text, then tuned on the demo's
-    instructions for the same 100 steps and learning rate as
+    instructions for the same 300 steps and learning rate as
     --mode lora (rank 8 on all seven linears), --mode full, and --mode pesc (4 experts top-2,
     no LoRA) with adapter_dim chosen so its trainable count matches the LoRA run's. Held out: the
     demo's questions on words never seen in tuning, as an eval.py multiple-choice task (the right
@@ -527,9 +527,9 @@ def bench_compare(args):
     common = ["--device", "cpu", "--seq_len", "128", "--batch_size", "8", "--grad_accum_steps", "1", "--beta2", "0.99",
               "--grad_clip", "1.0", "--val_fraction", "0.02", "--log_interval", "100", "--save_interval", "0"]
     tr.train(*tr.parse_args(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
-                             "--out_dir", base_dir, "--mode", "full", "--max_iters", "500", "--lr", "5e-3",
+                             "--out_dir", base_dir, "--mode", "full", "--max_iters", "1500", "--lr", "5e-3",
                              "--lr_schedule", "cosine", "--min_lr", "5e-4", "--warmup_iters", "30",
-                             "--eval_interval", "500", *common]))
+                             "--eval_interval", "1500", *common]))
 
     lora_rank, experts, top_k = 8, 4, 2
     lora_trainable = sum(lora_rank * (m.in_features + m.out_features) for layer in Transformer(config).layers
@@ -564,8 +564,8 @@ def bench_compare(args):
             out_dir = os.path.join(root, mode_args[1] + ("" if mode_args[1] != "pesc" else f"-r{adapter_dim}"))
             t0 = time.perf_counter()
             targs = tr.parse_args(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
-                                   "--out_dir", out_dir, "--max_iters", "100", "--lr", "3e-3", "--warmup_iters", "20",
-                                   "--eval_interval", "100", *common, *mode_args])
+                                   "--out_dir", out_dir, "--max_iters", "300", "--lr", "3e-3", "--warmup_iters", "20",
+                                   "--eval_interval", "300", *common, *mode_args])
             trainable = tr.setup_model(targs[0], "cpu", torch.float32, lambda m: None)[0].num_params(True)
             tr.train(*targs)
             seconds = time.perf_counter() - t0
