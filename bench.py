@@ -473,9 +473,10 @@ def bench_eval(args):
         task = ev.Task(name, "mc", items)
         requests = [(ev.encode_pair(tok, it.prompt, " " + it.choices[0])[0],
                      [ev.encode_pair(tok, it.prompt, " " + c)[1] for c in it.choices]) for it in items]
-        rows = sorted(ev.plan_rows(requests, net.config.max_seq_len), key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
+        rows = sorted(ev.plan_rows(requests, net.config.max_seq_len),
+                      key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
         packed = [ev.pack_batch(rows[i:i + batch], args.device)[:4] for i in range(0, len(rows), batch)]
-        single = [(ctx, [c], r) for ctx, conts, r in rows for c in conts]
+        single = [(ctx, [c], (r, j)) for ctx, conts, (r, _) in rows for j, c in enumerate(conts)]
         unshared = [ev.pack_batch(single[i:i + batch], args.device)[:4] for i in range(0, len(single), batch)]
 
         def forward(batches):
@@ -574,7 +575,8 @@ def bench_compare(args):
         outcomes, _ = ev.run_task(model, tok, task, opts)
         scores = {r["metric"]: r["value"] for r in ev.score_task(task, outcomes)[0]}
         loss, accuracy, _ = tr.demo_eval(out_dir, questions)
-        rows.append((label, "-" if mode_args is None else f"{trainable:,}", "-" if mode_args is None else f"{seconds:.0f}",
+        tuned = mode_args is not None
+        rows.append((label, f"{trainable:,}" if tuned else "-", f"{seconds:.0f}" if tuned else "-",
                      scores["acc"], scores["acc_norm"], sum(accuracy.values()) / len(accuracy), loss))
     print("\n| run | trainable | tuning s | mc acc | mc acc_norm | exact match (chat) | held-out loss |")
     print("|---|---|---|---|---|---|---|")
@@ -585,8 +587,8 @@ def bench_compare(args):
 
 # -----------------------------------------------------------------------------
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train,
-            "eval": bench_eval, "compare": bench_compare}
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
+            "train": bench_train, "eval": bench_eval, "compare": bench_compare}
 
 
 def main():

@@ -358,7 +358,8 @@ class Progress:
 
 
 def plan_rows(requests, max_len):
-    """Rows of (context, continuations, request index) from requests (context, [continuation..]).
+    """Rows of (context, continuations, (request index, index of its first continuation)) from
+    requests (context, [continuation, ...]).
 
     A row holds all continuations of a context when the longest fits the model with it;
     otherwise each continuation gets its own row with the context cut from the left, as the
@@ -368,13 +369,13 @@ def plan_rows(requests, max_len):
         if any(len(c) == 0 for c in conts):
             raise ValueError(f"request {r}: an empty continuation (nothing to score)")
         if len(ctx) + max(len(c) for c in conts) <= max_len + 1:
-            rows.append((ctx, conts, r))
+            rows.append((ctx, conts, (r, 0)))
             continue
-        for c in conts:
+        for j, c in enumerate(conts):
             if len(c) > max_len:
                 raise ValueError(f"request {r}: a continuation of {len(c)} tokens is longer than the model's "
                                  f"context of {max_len}")
-            rows.append((ctx[-(max_len + 1 - len(c)):], [c], r))
+            rows.append((ctx[-(max_len + 1 - len(c)):], [c], (r, j)))
     return rows
 
 
@@ -420,22 +421,20 @@ def loglikelihoods(model, requests, batch_size=16, max_len=None, progress=None):
     device = model.output.weight.device
     rows = sorted(plan_rows(requests, max_len), key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
     results = [[None] * len(conts) for _, conts in requests]
-    pending = [0] * len(requests)
-    for _, _, r in rows:
+    pending = [0] * len(requests)  # rows of each request still to run
+    for _, _, (r, _) in rows:
         pending[r] += 1
-    slot = [0] * len(requests)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         idx, positions, mask, valid, targets = pack_batch(chunk, device)
         logits, _ = model(idx, positions=positions, mask=mask, valid=valid)[:2]
         finished = 0
-        for b, (_, conts, r) in enumerate(chunk):
-            for source, ids in targets[b]:
+        for b, (_, _, (r, first)) in enumerate(chunk):
+            for j, (source, ids) in enumerate(targets[b], first):
                 logprobs = F.log_softmax(logits[b, source].float(), dim=-1)  # (len(ids), vocab)
                 ids_t = torch.tensor(ids, device=device)
                 ll = logprobs.gather(-1, ids_t[:, None]).sum().item()
-                results[r][slot[r]] = (ll, bool((logprobs.argmax(-1) == ids_t).all()))
-                slot[r] += 1
+                results[r][j] = (ll, bool((logprobs.argmax(-1) == ids_t).all()))
             pending[r] -= 1
             finished += pending[r] == 0
         if progress is not None:

@@ -223,13 +223,15 @@ def test_batched_loglikelihoods_equal_one_at_a_time(kind, byte_tok):
 
 def test_truncated_requests_keep_the_harness_window(byte_tok):
     model = tiny_model("dense", max_seq_len=16)
-    ctx = byte_tok.encode("a context much longer than sixteen tokens:", bos=True)
     conts = [byte_tok.encode(" yes"), byte_tok.encode(" no way")]
-    (got,) = ev.loglikelihoods(model, [(ctx, conts)], batch_size=2)
-    for cont, (ll, _) in zip(conts, got):
-        keep = (ctx + cont)[-17:]  # the harness keeps the last max_len + 1 tokens
-        ref, _ = reference_loglikelihood(model, keep[:-len(cont)], cont)
-        assert_close(torch.tensor(ll), torch.tensor(ref), reduction=LL_REDUCTION * len(cont))
+    # a long context cuts both rows; a short one only the second, whose row then runs first
+    for text in ("a context much longer than sixteen tokens:", "short ctx:"):
+        ctx = byte_tok.encode(text, bos=True)
+        (got,) = ev.loglikelihoods(model, [(ctx, conts)], batch_size=1)
+        for cont, (ll, _) in zip(conts, got):
+            keep = (ctx + cont)[-17:]  # the harness keeps the last max_len + 1 tokens
+            ref, _ = reference_loglikelihood(model, keep[:-len(cont)], cont)
+            assert_close(torch.tensor(ll), torch.tensor(ref), reduction=LL_REDUCTION * len(cont))
 
 
 def test_mc_metrics_from_the_models_logits(tmp_path, byte_tok):
