@@ -28,13 +28,18 @@ continuation is " " + the answer):
   ppl        JSONL with a "text" per line, or any other file as one document: token-level and
              per-byte perplexity, windows of the model's context rolled over longer texts.
 Shots other than MMLU's come from FEWSHOT_PATH, drawn as the harness's default sampler does
-(random.Random(1234), rnd.sample(pool, K) for each document in order).
+(random.Random(1234), rnd.sample(pool, K) for each document in order; every process draws them
+all, so under torchrun they do not depend on the number of processes).
 
 Token boundaries and BOS follow the harness's HF backend with its defaults: the context's trailing
 whitespace moves to the continuation, both are encoded together with the tokenizer's BOS and the
 continuation is what lies past encode(context); an empty context is the BOS (else EOS) token.
 acc takes the choice with the largest summed log-likelihood, acc_norm the largest per character
 of the answer. Generated code is never executed: there is no HumanEval / MBPP execution here.
+
+--harness TASKS runs the harness's own task definitions through eval.PESCLM (registered with
+the harness as "pesc"); those name datasets on the Hugging Face hub, which the harness loads from
+its cache or the hub, unless --include_path gives task YAMLs over local files.
 
 Requests are batched, longest first; all continuations of one prompt share one row, the prompt
 computed once (each continuation attends to the prompt and to itself only). For PESC checkpoints
