@@ -3,7 +3,7 @@ Benchmarks. Each section warms up, then times; numbers go to BENCHMARKS.md by ha
 machine, the date and the command.
 
     python bench.py                      # every section that fits the device
-    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, issue 3 sizes)
+    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, dim 1024, 4096 tokens)
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
@@ -25,10 +25,9 @@ import kernels
 import model
 import moe
 from data import attention_inputs
-from model import FeedForward, ModelConfig, Transformer
-from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
+from model import FeedForward, ModelConfig, Transformer, peak_flops
+from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, set_trainable, upcycle
 from sample import DTYPES, generate
-from train import PEAK_FLOPS
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -75,7 +74,7 @@ def kernel_mode(mode, loop=False):
 
 
 # -----------------------------------------------------------------------------
-# One PESC layer vs the dense FFN (issue 3)
+# One PESC layer vs the dense FFN, on the CPU
 
 
 def adapter_experts_dense(y, weights, experts, down, up, scaling):
@@ -95,7 +94,8 @@ def bench_moe(args):
     D, F_, E, k, r, N = 1024, 2816, 8, 2, 64, 4096
     torch.manual_seed(0)
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)).to(dev)
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)
+    layer = PESCFeedForward(ffn, cfg).to(dev)
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)
     x = torch.randn(1, N, D, device=dev, dtype=dt, requires_grad=True)
@@ -105,7 +105,7 @@ def bench_moe(args):
         ffn(x).backward(g)
 
     def pesc_step():
-        layer(x).backward(g)
+        layer(x, cfg)[0].backward(g)
 
     # the MoE part alone: router, dispatch, adapters, combine, on a fixed FFN output
     y = torch.randn(N, D, device=dev, dtype=dt, requires_grad=True)
@@ -133,7 +133,7 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
-# Decoding (issue 5)
+# Decoding: the KV cache vs recomputing the sequence
 
 
 def bench_decode(args):
@@ -199,7 +199,7 @@ def bench_decode(args):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels vs their PyTorch twins (issue 7, GPU)
+# Triton kernels vs their PyTorch twins (GPU)
 
 
 def bench_kernels(args):
@@ -298,7 +298,8 @@ def bench_kernels(args):
     # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
     # and adapters only (the FFN is frozen), training mode (adapter dropout on).
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r)
+    layer = PESCFeedForward(ffn, cfg).train()
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
     trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
@@ -307,7 +308,7 @@ def bench_kernels(args):
     for mode in ("triton", "torch"):
         with kernel_mode(mode):
             d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
-            p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
+            p_ms, p_mib = measure(fwd_bwd(lambda x: layer(x, cfg)[0], (xl,), trainable))
         results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
         label = "kernels" if mode == "triton" else "twins  "
         print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
@@ -333,7 +334,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]
 
     def step():
         _, loss = net(idx, idx)
@@ -355,7 +356,7 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
-# Training throughput per mode (issue 6)
+# Training throughput per train.py --mode
 
 
 def bench_train(args):
@@ -391,7 +392,7 @@ def train_step_bench(mode, device, layers):
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_flops(device)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")
@@ -403,8 +404,8 @@ def train_step_bench(mode, device, layers):
     if mode.startswith("pesc"):
         upcycle(net, replace(pesc, lora_rank=lora_rank if mode == "pesc+lora" else 0))
     elif mode == "lora":
-        net.requires_grad_(False)
         add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
+    set_trainable(net, mode.split("+")[0])  # the rule train.setup_model applies
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
         p.data = p.data.float()
@@ -444,9 +445,10 @@ def bench_eval(args):
 
     A "small" PESC model (8 experts top-2) and the byte-level tokenizer; two synthetic tasks
     shaped like 5-shot MMLU (4 one-token choices) and HellaSwag (4 endings of ~20 tokens). Three
-    times per task: eval's whole path (encoding, packed rows, log-softmax and gathering, routing
-    counts), the forward passes alone of the batches it builds, and the forward passes of one row
-    per (prompt, choice), as a scorer without prompt sharing would run them."""
+    times per task: eval's whole path (encoding, batching, log-softmax and gathering, routing
+    counts), its model calls alone (eval.row_logits: the prefill and the continuation steps of
+    each batch), and those calls with one row per (prompt, choice), as a scorer without prompt
+    sharing would run them."""
     import tempfile
     from types import SimpleNamespace
 
@@ -475,18 +477,16 @@ def bench_eval(args):
                      [ev.encode_pair(tok, it.prompt, " " + c)[1] for c in it.choices]) for it in items]
         rows = sorted(ev.plan_rows(requests, net.config.max_seq_len),
                       key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
-        packed = [ev.pack_batch(rows[i:i + batch], args.device)[:4] for i in range(0, len(rows), batch)]
         single = [(ctx, [c], (r, j)) for ctx, conts, (r, _) in rows for j, c in enumerate(conts)]
-        unshared = [ev.pack_batch(single[i:i + batch], args.device)[:4] for i in range(0, len(single), batch)]
 
-        def forward(batches):
+        def forward(rows):
             with torch.no_grad():
-                for idx, positions, mask, valid in batches:
-                    net(idx, positions=positions, mask=mask, valid=valid)
+                for i in range(0, len(rows), batch):
+                    ev.row_logits(net, rows[i:i + batch])
 
-        t_eval, t_fwd, t_unshared = race([lambda: ev.run_task(net, tok, task, opts), lambda: forward(packed),
-                                          lambda: forward(unshared)], warmup=1, iters=3, device=args.device)
-        tokens = sum(int(v.sum()) for *_, v in packed)
+        t_eval, t_fwd, t_unshared = race([lambda: ev.run_task(net, tok, task, opts), lambda: forward(rows),
+                                          lambda: forward(single)], warmup=1, iters=3, device=args.device)
+        tokens = sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts, _ in rows)
         results[name] = dict(items_per_s=n_items / t_eval, forward_items_per_s=n_items / t_fwd,
                              overhead=t_eval / t_fwd, unshared_over_shared=t_unshared / t_fwd)
         print(f"[eval] {name:15s} {n_items} items, {tokens} tokens fed: eval {n_items / t_eval:6.1f} items/s, "

@@ -1,7 +1,7 @@
 """
 The instruction-data pipeline: read a data file, tokenize it with a chat template, pack, batch.
 
-Three formats (SPEC.md section 4), told apart by the content of the first record:
+Three formats, told apart by the content of the first record:
 - PESC/Camelidae JSON: a list of {"corpus", "dataset", "instruction", "conversation": [{"input",
   "output"}, ...]}. A non-empty corpus is plain text trained on whole; otherwise the instruction
   is the system prompt and the conversation the user/assistant turns.
@@ -187,13 +187,13 @@ def collate(examples, pad_id):
 
 
 def attention_inputs(doc_ids):
-    """The model's `positions`, `mask` and `valid` for rows of packed examples.
+    """The model's `positions`, `doc_ids` and `valid` for rows of packed examples.
 
     doc_ids: (B, T), the example each token belongs to, -1 for padding. positions restart at
-    0 with every example; mask (B, T, T) lets a token see only earlier tokens of its own
-    example. When every row holds a single example (padded on the right), plain causal
-    attention already does that, so only `valid` is returned and the model keeps its fast
-    causal path."""
+    0 with every example; from both the model builds the mask that lets a token see only
+    earlier tokens of its own example (model.attention_mask). When every row holds a single
+    example (padded on the right), plain causal attention already does that, so only `valid`
+    is returned and the model keeps its fast causal path."""
     B, T = doc_ids.shape
     valid = doc_ids >= 0
     starts = torch.ones_like(valid)
@@ -202,9 +202,7 @@ def attention_inputs(doc_ids):
         return {"valid": valid}
     t = torch.arange(T, device=doc_ids.device)
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) offset in its example
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    causal = t[:, None] >= t[None, :]  # (T, T)
-    return {"positions": positions, "mask": same_doc & causal, "valid": valid}
+    return {"positions": positions, "doc_ids": doc_ids, "valid": valid}
 
 
 class InstructionData:
@@ -237,7 +235,6 @@ class InstructionData:
             n_val = min(max(1, round(val_fraction * len(examples))), len(examples) - 1)
         self.val = [examples[i] for i in sorted(order[:n_val])]
         self.train = [examples[i] for i in order[n_val:]]
-        self.num_skipped = len(skipped)
 
         def make_rows(exs):
             if pack_rows:

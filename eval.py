@@ -41,8 +41,8 @@ of the answer. Generated code is never executed: there is no HumanEval / MBPP ex
 the harness as "pesc"); those name datasets on the Hugging Face hub, which the harness loads from
 its cache or the hub, unless --include_path gives task YAMLs over local files.
 
-Requests are batched, longest first; all continuations of one prompt share one row, the prompt
-computed once (each continuation attends to the prompt and to itself only). For PESC checkpoints
+Requests are batched, longest first; the continuations of one prompt share its computation
+(the prompt is prefilled once into the KV cache, each continuation runs after it). For PESC checkpoints
 the share of routing of each expert in each layer is reported per task (the paper's
 expert-specialisation analysis), with an SVG heatmap beside --out.
 """
@@ -384,44 +384,57 @@ def plan_rows(requests, max_len):
     return rows
 
 
-def pack_batch(rows, device):
-    """Inputs for one forward of rows, right-padded, and where each continuation's ids are predicted.
+def row_logits(model, rows):
+    """Per row, per continuation: the (len(continuation), vocab) logits that predict its ids.
 
-    A row is the context, then each continuation but its last id (the last one is only
-    predicted). A continuation's ids sit at the positions right after the context, attend to
-    the context and to their own earlier ids, never to another continuation."""
-    T = max(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts, _ in rows)
+    One prefill of the batch's contexts (right-padded) fills the KV cache; then each
+    continuation but its last id (the last one is only predicted) runs in the slots after the
+    contexts, at the positions right after its own context, so it attends to its context and its
+    own earlier ids: the context is computed once for all its continuations. Later continuations
+    overwrite earlier ones' slots, and what an earlier, longer one leaves lies at later positions,
+    which no query sees. Padding is a document of its own (1), invisible to real tokens (0)."""
+    device = model.output.weight.device
     B = len(rows)
-    idx = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # 0: context, j + 1: continuation j, -1: padding
-    targets = []  # per row, per continuation: (source columns, ids)
-    for b, (ctx, conts, _) in enumerate(rows):
-        C = len(ctx)
-        idx[b, :C], positions[b, :C], segment[b, :C] = torch.tensor(ctx), torch.arange(C), 0
-        start, per_cont = C, []
-        for j, c in enumerate(conts):
-            m = len(c) - 1
-            idx[b, start:start + m] = torch.tensor(c[:-1], dtype=torch.long)
-            positions[b, start:start + m] = torch.arange(C, C + m)
-            segment[b, start:start + m] = j + 1
-            per_cont.append(([C - 1] + list(range(start, start + m)), c))
-            start += m
-        targets.append(per_cont)
-    cols = torch.arange(T)
-    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-    mask = (cols[None, None, :] <= cols[None, :, None]) & same & (segment[:, None, :] >= 0)
-    mask = mask | torch.eye(T, dtype=torch.bool)[None]  # a padding query sees itself: no empty row
-    return idx.to(device), positions.to(device), mask.to(device), (segment >= 0).to(device), targets
+    C = max(len(ctx) for ctx, _, _ in rows)
+    M = max(len(c) - 1 for _, conts, _ in rows for c in conts)
+    n_conts = max(len(conts) for _, conts, _ in rows)
+    idx = torch.zeros(B, C, dtype=torch.long)
+    doc = torch.ones(B, C, dtype=torch.long)
+    for b, (ctx, _, _) in enumerate(rows):
+        idx[b, :len(ctx)], doc[b, :len(ctx)] = torch.tensor(ctx), 0
+    positions = torch.arange(C).expand(B, C)
+    model.setup_cache(B, C + M)
+    try:
+        logits = model(idx.to(device), input_pos=torch.arange(C, device=device), positions=positions.to(device),
+                       doc_ids=doc.to(device), valid=(doc == 0).to(device))[0]
+        last = logits[torch.arange(B), torch.tensor([len(ctx) - 1 for ctx, _, _ in rows])]  # (B, vocab)
+        out = [[last[b:b + 1]] * len(conts) for b, (_, conts, _) in enumerate(rows)]
+        for j in range(n_conts):
+            m = max((len(conts[j]) - 1 for _, conts, _ in rows if j < len(conts)), default=0)
+            if m == 0:
+                continue
+            idx = torch.zeros(B, m, dtype=torch.long)
+            doc = torch.ones(B, m, dtype=torch.long)
+            positions = torch.stack([len(ctx) + torch.arange(m) for ctx, _, _ in rows])
+            for b, (_, conts, _) in enumerate(rows):
+                if j < len(conts) and len(conts[j]) > 1:
+                    idx[b, :len(conts[j]) - 1], doc[b, :len(conts[j]) - 1] = torch.tensor(conts[j][:-1]), 0
+            step = model(idx.to(device), input_pos=torch.arange(C, C + m, device=device),
+                         positions=positions.to(device), doc_ids=doc.to(device), valid=(doc == 0).to(device))[0]
+            for b, (_, conts, _) in enumerate(rows):
+                if j < len(conts):
+                    out[b][j] = torch.cat([last[b:b + 1], step[b, :len(conts[j]) - 1]])
+    finally:
+        model.clear_cache()
+    return out
 
 
 @torch.no_grad()
 def loglikelihoods(model, requests, batch_size=16, max_len=None, progress=None):
     """[(log-likelihood, greedy)] per continuation of each request (context ids, [continuation ids]).
 
-    greedy: every continuation id is the argmax of its prediction. One forward per batch of
-    rows, longest rows first (as the harness sorts); a context is computed once for all its
-    continuations."""
+    greedy: every continuation id is the argmax of its prediction. Rows run in batches, longest
+    first (as the harness sorts); a context is computed once for all its continuations."""
     max_len = max_len or model.config.max_seq_len
     device = model.output.weight.device
     rows = sorted(plan_rows(requests, max_len), key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
@@ -431,12 +444,10 @@ def loglikelihoods(model, requests, batch_size=16, max_len=None, progress=None):
         pending[r] += 1
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        idx, positions, mask, valid, targets = pack_batch(chunk, device)
-        logits, _ = model(idx, positions=positions, mask=mask, valid=valid)[:2]
         finished = 0
-        for b, (_, _, (r, first)) in enumerate(chunk):
-            for j, (source, ids) in enumerate(targets[b], first):
-                logprobs = F.log_softmax(logits[b, source].float(), dim=-1)  # (len(ids), vocab)
+        for (_, conts, (r, first)), per_cont in zip(chunk, row_logits(model, chunk)):
+            for j, (ids, logits) in enumerate(zip(conts, per_cont), first):
+                logprobs = F.log_softmax(logits.float(), dim=-1)  # (len(ids), vocab)
                 ids_t = torch.tensor(ids, device=device)
                 ll = logprobs.gather(-1, ids_t[:, None]).sum().item()
                 results[r][j] = (ll, bool((logprobs.argmax(-1) == ids_t).all()))
@@ -504,9 +515,9 @@ def generate_until(model, tokenizer, prompts, stops, max_new_tokens=256, batch_s
                         live[b] = not any(s in text for s in stops)
             return not bool(live.any())
 
-        def decode_step(model, x, input_pos, positions, mask):
-            valid = live.to(x.device)[:, None]
-            return model(x, input_pos=input_pos, positions=positions, mask=mask, valid=valid)[0][:, -1]
+        def decode_step(model, x, input_pos, positions):
+            valid = live.to(x.device)[:, None]  # finished rows run on: leave them out of the routing counts
+            return model(x, input_pos=input_pos, positions=positions, valid=valid)[0][:, -1]
 
         generate(model, [encoded[j] for j in chunk], max_new_tokens, temperature=0, stop_ids=sorted(stop_ids),
                  vocab_size=tokenizer.vocab_size, on_token=on_token, decode_fn=decode_step)
@@ -615,25 +626,22 @@ def score_task(task, outcomes):
 
 @contextmanager
 def routing_counts(model):
-    """Yields a (layers, experts) tensor that sums each PESC layer's expert load over every forward
-    inside the block (moe.router_losses counts real tokens only); None for a dense model."""
+    """Yields a (layers, experts) tensor summing the expert load the model reports (its output's
+    expert_load: real tokens only) over every forward inside the block; None for a dense model."""
     layers = moe.pesc_layers(model)
     if not layers:
         yield None
         return
-    counts = torch.zeros(len(layers), layers[0].config.num_experts, dtype=torch.float64)
+    counts = torch.zeros(len(layers), model.config.moe.num_experts, dtype=torch.float64)
 
-    def hook(i):
-        def add(module, inputs, output):
-            counts[i] += module.stats[2].to("cpu", torch.float64)
-        return add
+    def add(module, inputs, output):
+        counts.add_(output.expert_load.to("cpu", torch.float64))
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handle = model.register_forward_hook(add)
     try:
         yield counts
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def routing_share(counts):
