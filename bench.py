@@ -9,6 +9,8 @@ machine, the date and the command.
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
     python bench.py --only quant         # NF4: bytes/param, dequantize throughput, QLoRA step
     python bench.py --only quant7b       # NF4: resident memory of a Llama-2-7B-shaped quantized base
+    python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
+    OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
 """
 
 import argparse
@@ -385,7 +387,7 @@ def bench_train(args):
 
 
 # -----------------------------------------------------------------------------
-# NF4 / QLoRA (issue 14)
+# NF4 / QLoRA
 
 
 def quantize_base(net):
@@ -537,9 +539,159 @@ def train_step(mode, device, layers):
 
 
 # -----------------------------------------------------------------------------
+# Evaluation throughput
+
+
+def bench_eval(args):
+    """eval.py's multiple-choice scoring against the bare forward passes of the same tokens.
+
+    A "small" PESC model (8 experts top-2) and the byte-level tokenizer; two synthetic tasks
+    shaped like 5-shot MMLU (4 one-token choices) and HellaSwag (4 endings of ~20 tokens). Three
+    times per task: eval's whole path (encoding, batching, log-softmax and gathering, routing
+    counts), its model calls alone (eval.row_logits: the prefill and the continuation steps of
+    each batch), and those calls with one row per (prompt, choice), as a scorer without prompt
+    sharing would run them."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import eval as ev
+    from tokenizer import Tokenizer, write_byte_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        net = upcycle(Transformer(ModelConfig.from_preset("small")), PESCConfig(num_experts=8, top_k=2, adapter_dim=64,
+                                                                               adapter_dropout=0.0)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer(write_byte_tokenizer(os.path.join(tmp, "tokenizer.model")))
+    rnd = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join("abcdefghij"[int(i) % 10] * (1 + int(i) % 5) for i in torch.randint(0, 50, (n,), generator=rnd))
+
+    n_items, batch = 32, 16
+    tasks = {"mmlu-like": [ev.Item(i, words(60) + "\nAnswer:", ["A", "B", "C", "D"], 0) for i in range(n_items)],
+             "hellaswag-like": [ev.Item(i, words(30), [words(5) for _ in range(4)], 0) for i in range(n_items)]}
+    opts = SimpleNamespace(batch_size=batch, max_new_tokens=1, quiet=True)
+    results = {}
+    for name, items in tasks.items():
+        task = ev.Task(name, "mc", items)
+        requests = [(ev.encode_pair(tok, it.prompt, " " + it.choices[0])[0],
+                     [ev.encode_pair(tok, it.prompt, " " + c)[1] for c in it.choices]) for it in items]
+        rows = sorted(ev.plan_rows(requests, net.config.max_seq_len),
+                      key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
+        single = [(ctx, [c], (r, j)) for ctx, conts, (r, _) in rows for j, c in enumerate(conts)]
+
+        def forward(rows):
+            with torch.no_grad():
+                for i in range(0, len(rows), batch):
+                    ev.row_logits(net, rows[i:i + batch])
+
+        t_eval, t_fwd, t_unshared = race([lambda: ev.run_task(net, tok, task, opts), lambda: forward(rows),
+                                          lambda: forward(single)], warmup=1, iters=3, device=args.device)
+        tokens = sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts, _ in rows)
+        results[name] = dict(items_per_s=n_items / t_eval, forward_items_per_s=n_items / t_fwd,
+                             overhead=t_eval / t_fwd, unshared_over_shared=t_unshared / t_fwd)
+        print(f"[eval] {name:15s} {n_items} items, {tokens} tokens fed: eval {n_items / t_eval:6.1f} items/s, "
+              f"forward alone {n_items / t_fwd:6.1f} items/s (eval/forward {t_eval / t_fwd:.2f}x); one row per "
+              f"choice instead: forward {t_unshared / t_fwd:.2f}x longer")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The paper's comparison in small: dense LoRA vs full fine-tuning vs PESC
+
+
+def bench_compare(args):
+    """Instruction-tune one small base three ways and score the three on the same held-out tasks.
+
+    The base is like the demo's (train.py), on a smaller budget: the tiny preset pretrained (1500
+    steps of 8 x 128 tokens) on generated "Q: .. A: .." text, then tuned on the demo's
+    instructions for the same 300 steps and learning rate as
+    --mode lora (rank 8 on all seven linears), --mode full, and --mode pesc (4 experts top-2,
+    no LoRA) with adapter_dim chosen so its trainable count matches the LoRA run's. Held out: the
+    demo's questions on words never seen in tuning, as an eval.py multiple-choice task (the right
+    answer among 3 others of the same skill, "Question: Q\nAnswer:", zero-shot) and as the demo's
+    greedy exact match in the chat template. Everything goes to out/compare/."""
+    import random
+
+    import eval as ev
+    import train as tr
+    from tokenizer import Tokenizer, write_byte_tokenizer
+
+    root = "out/compare"
+    data_dir, init_dir, base_dir = (os.path.join(root, d) for d in ("data", "init", "base"))
+    questions = tr.demo_data(data_dir)
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")
+    Transformer(config).save_pretrained(init_dir)
+    write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
+    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
+        f.write('{"chat_template": "llama3"}')
+    common = ["--device", "cpu", "--seq_len", "128", "--batch_size", "8", "--grad_accum_steps", "1", "--beta2", "0.99",
+              "--grad_clip", "1.0", "--val_fraction", "0.02", "--log_interval", "100", "--save_interval", "0"]
+    tr.train(*tr.parse_args(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
+                             "--out_dir", base_dir, "--mode", "full", "--max_iters", "1500", "--lr", "5e-3",
+                             "--lr_schedule", "cosine", "--min_lr", "5e-4", "--warmup_iters", "30",
+                             "--eval_interval", "1500", *common]))
+
+    lora_rank, experts, top_k = 8, 4, 2
+    lora_trainable = sum(lora_rank * (m.in_features + m.out_features) for layer in Transformer(config).layers
+                         for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+                                   layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3))
+    per_layer = lora_trainable / config.n_layers - experts * config.dim  # minus the router
+    adapter_dim = round(per_layer / (2 * experts * config.dim))
+    runs = {"dense LoRA r=8": ["--mode", "lora", "--lora_rank", str(lora_rank), "--lora_alpha", "16",
+                               "--lora_dropout", "0"],
+            "full fine-tuning": ["--mode", "full"],
+            f"PESC {experts}x top-{top_k} r={adapter_dim}": [
+                "--mode", "pesc", "--num_experts", str(experts), "--top_k", str(top_k), "--adapter_dim",
+                str(adapter_dim), "--adapter_scaling", "1.0", "--adapter_dropout", "0", "--lora_rank", "0"]}
+
+    rng = random.Random(0)
+    by_skill = {}
+    for name, q, a in questions:
+        by_skill.setdefault(name, []).append(a)
+    items = []
+    for i, (name, q, a) in enumerate(questions):
+        others = sorted({x for x in by_skill[name] if x != a} | ({"yes", "no", "7", "3"} - {a}))
+        choices = [a] + rng.sample(others, 3)
+        rng.shuffle(choices)
+        items.append(ev.Item(i, f"Question: {q}\nAnswer:", choices, choices.index(a)))
+    task = ev.Task("demo-mc", "mc", items)
+    opts = argparse.Namespace(batch_size=16, max_new_tokens=8, quiet=True)
+
+    rows = []
+    for label, mode_args in [("dense base (no tuning)", None)] + list(runs.items()):
+        out_dir = base_dir
+        if mode_args is not None:
+            out_dir = os.path.join(root, mode_args[1] + ("" if mode_args[1] != "pesc" else f"-r{adapter_dim}"))
+            t0 = time.perf_counter()
+            targs = tr.parse_args(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
+                                   "--out_dir", out_dir, "--max_iters", "300", "--lr", "3e-3", "--warmup_iters", "20",
+                                   "--eval_interval", "300", *common, *mode_args])
+            trainable = tr.setup_model(targs[0], "cpu", torch.float32, lambda m: None)[0].num_params(True)
+            tr.train(*targs)
+            seconds = time.perf_counter() - t0
+        model = Transformer.from_pretrained(out_dir).eval()
+        tok = Tokenizer(out_dir)
+        outcomes, _ = ev.run_task(model, tok, task, opts)
+        scores = {r["metric"]: r["value"] for r in ev.score_task(task, outcomes)[0]}
+        loss, accuracy, _ = tr.demo_eval(out_dir, questions)
+        tuned = mode_args is not None
+        rows.append((label, f"{trainable:,}" if tuned else "-", f"{seconds:.0f}" if tuned else "-",
+                     scores["acc"], scores["acc_norm"], sum(accuracy.values()) / len(accuracy), loss))
+    print("\n| run | trainable | tuning s | mc acc | mc acc_norm | exact match (chat) | held-out loss |")
+    print("|---|---|---|---|---|---|---|")
+    for label, trainable, seconds, acc, acc_norm, em, loss in rows:
+        print(f"| {label} | {trainable} | {seconds} | {acc:.3f} | {acc_norm:.3f} | {em:.3f} | {loss:.3f} |")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
-            "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b}
+            "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
+            "compare": bench_compare}
 
 
 def main():

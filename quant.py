@@ -1,5 +1,5 @@
 """
-NF4 with double quantization, bit for bit the QLoRA format of bitsandbytes (SPEC.md section 6),
+NF4 with double quantization, bit for bit the QLoRA format of bitsandbytes 0.50,
 and the frozen NF4 linear that QLoRA trains LoRA and the PESC adapters on top of.
 
 The format of one weight W (any shape, n elements), as `bitsandbytes.functional.quantize_4bit(W,

@@ -82,7 +82,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     prompt and its generated ids.
     Sampling is sample_next's (temperature 0 = greedy). vocab_size: sample only ids below it
     (for a tokenizer smaller than the model's padded embedding). on_token(ids) is called with
-    each step's (B,) new ids (pad_id for finished rows), e.g. to stream them. decode_fn is the
+    each step's (B,) new ids (pad_id for finished rows), e.g. to stream them; when it returns
+    True, generation ends after that step. decode_fn is the
     one-token step: decode_step or a compiled version of it.
     Put the model in eval mode first (PESC adapters have dropout). The model's KV cache is set
     up for B rows of P + max_new_tokens slots and removed on return.
@@ -126,8 +127,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             tokens[:, t] = next_ids
             finished |= torch.isin(next_ids, stop)
             end = t + 1
-            if on_token is not None:
-                on_token(next_ids)
+            if on_token is not None and on_token(next_ids):
+                break  # the caller has what it needs (eval.py: a stop string in every row)
             if t + 1 == S or (len(stop) and bool(finished.all())):
                 break
             x = torch.where(finished, 0, next_ids)[:, None]  # finished rows run on, ignored
