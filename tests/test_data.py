@@ -83,7 +83,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tmp_path, byte_dir, bpe_dir, f
     records = {"pesc": pesc_records, "chat": chat_records, "alpaca": alpaca_records}[fmt]()
     path = write(tmp_path / "d.json", records, jsonl=fmt == "chat")
     data = InstructionData(path, tok, seq_len=512, template=template, pack_rows=False)
-    assert data.format == fmt and len(data.train) == len(records) and data.val == []
+    assert data.format == fmt and len(data.train) == len(records) and len(data.val) == 0
     ends = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}.get(template, "<|end_of_text|>")
     if fmt == "alpaca":
         answers = [["Blue."], ["red"]]
