@@ -53,12 +53,11 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing import get_context
 
 import numpy as np
@@ -414,7 +413,7 @@ def cache_key(sources, tokenizer, template, seq_len, pack_rows, val_fraction, se
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _chunk_results(path, fmt, items, tokenize, pool, workers):
+def _chunk_results(fmt, items, tokenize, get_pool, workers):
     """(tokenize_chunk's result, records in the chunk, fraction of the file read), in file order.
     With a pool, at most 2 chunks per worker are in flight, which bounds the memory."""
     def chunks():
@@ -424,12 +423,14 @@ def _chunk_results(path, fmt, items, tokenize, pool, workers):
                 return
             yield [c[:3] for c in chunk], chunk[-1][3]
 
-    if pool is None:
-        for chunk, fraction in chunks():
+    all_chunks = chunks()
+    head = list(islice(all_chunks, 2))
+    if workers <= 1 or len(head) < 2:  # a single chunk is not worth starting processes for
+        for chunk, fraction in chain(head, all_chunks):
             yield tokenize(fmt, chunk), len(chunk), fraction
         return
-    pending = deque()
-    for chunk, fraction in chunks():
+    pool, pending = get_pool(), deque()
+    for chunk, fraction in chain(head, all_chunks):
         pending.append((pool.submit(_pool_task, fmt, chunk), len(chunk), fraction))
         if len(pending) >= 2 * workers:
             future, n, fraction_done = pending.popleft()
@@ -439,7 +440,7 @@ def _chunk_results(path, fmt, items, tokenize, pool, workers):
         yield future.result(), n, fraction_done
 
 
-def _tokenize_source(path, fields, tokenize, pool, workers, out, log):
+def _tokenize_source(path, fields, tokenize, get_pool, workers, out, log):
     """Append one source's examples to the open files out["ids"], out["mask"]; returns
     (format, records read, records skipped, per-example stored lengths, per-example targets)."""
     items = iter_items(path)
@@ -449,7 +450,7 @@ def _tokenize_source(path, fields, tokenize, pool, workers, out, log):
     fmt = record_format(first[0], parse_item(*first[:3]), fields)
     records, skipped, first_skipped, lengths, targets = 0, 0, None, [], []
     t0 = t_log = time.time()
-    for result, n, fraction in _chunk_results(path, fmt, _prepend(first, items), tokenize, pool, workers):
+    for result, n, fraction in _chunk_results(fmt, chain([first], items), tokenize, get_pool, workers):
         result["ids"].tofile(out["ids"])
         result["mask"].tofile(out["mask"])
         lengths.append(result["lengths"])
@@ -475,11 +476,6 @@ def _tokenize_source(path, fields, tokenize, pool, workers, out, log):
     return fmt, records, skipped, lengths, targets
 
 
-def _prepend(first, items):
-    yield first
-    yield from items
-
-
 def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, val_fraction, seed, fields,
                  workers, log):
     """Tokenize, split, pack and mix the sources into flat arrays under directory (name.bin);
@@ -487,19 +483,24 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
     def tokenize(fmt, chunk):
         return tokenize_chunk(tokenizer, template, seq_len, fmt, fields, chunk)
 
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                   initargs=(tokenizer, template, seq_len, fields))
+    pool = []  # started by the first source that has more than one chunk
+
+    def get_pool():
+        if not pool:
+            # spawn, not fork: this process may hold threads (torch's), which fork does not copy
+            pool.append(ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                            initargs=(tokenizer, template, seq_len, fields)))
+        return pool[0]
+
     out = {"ids": open(os.path.join(directory, "ids.bin"), "wb"),
            "mask": open(os.path.join(directory, "mask.bin"), "wb"), "seq_len": seq_len}
     try:
-        read = [_tokenize_source(path, fields, tokenize, pool, workers, out, log) for path, _ in sources]
+        read = [_tokenize_source(path, fields, tokenize, get_pool, workers, out, log) for path, _ in sources]
     finally:
         out["ids"].close()
         out["mask"].close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        for p in pool:
+            p.shutdown(cancel_futures=True)
 
     # Per source: a seeded held-out split of whole examples; the rest, in a seeded order, packed.
     lengths = np.concatenate([r[3] for r in read])

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import moe
-from data import IGNORE_INDEX, InstructionData
+from data import IGNORE_INDEX, InstructionData, data_hash
 from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files
 
@@ -57,7 +57,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
     p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
-    p.add_argument("--data", default="", help="PESC/Camelidae JSON, Alpaca JSON or chat JSONL")
+    p.add_argument("--data", default="", help="a data file (.json, .jsonl, .jsonl.gz, .parquet; chat, ShareGPT, "
+                   "Alpaca, prompt/response or PESC records) or a mixture a.parquet:0.5,b.jsonl:0.5 (weights: "
+                   "shares of the training rows; bare paths a,b: every row of each)")
     p.add_argument("--out_dir", default="out/pesc")
     p.add_argument("--mode", default="pesc", choices=["pesc", "lora", "full"],
                    help="pesc: routers + adapters (+ LoRA); lora, full: the dense baselines")
@@ -80,6 +82,12 @@ def build_parser():
     g.add_argument("--pack", default=True, **flag, help="pack several examples per row")
     g.add_argument("--no_pack", dest="pack", action="store_false", help="same as --pack false")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
+    g.add_argument("--fields", default="", type=field_names, help="PROMPT_KEY,RESPONSE_KEY of prompt/response records "
+                   "whose keys are ambiguous or uncommon")
+    g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                       "pesc", "data"), help="where the token cache lives")
+    g.add_argument("--rebuild_cache", default=False, **flag, help="tokenize again even if the cache has the data")
+    g.add_argument("--data_workers", type=int, default=0, help="processes tokenizing a new dataset; 0: one per core")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
     g.add_argument("--grad_accum_steps", type=int, default=16, help="micro-batches per step, per rank")
@@ -107,6 +115,13 @@ def build_parser():
     return p
 
 
+def field_names(s):
+    names = tuple(n.strip() for n in s.split(",")) if s else ()
+    if s and (len(names) != 2 or not all(names)):
+        raise argparse.ArgumentTypeError(f"expected PROMPT_KEY,RESPONSE_KEY, got {s!r}")
+    return ",".join(names)
+
+
 _UNSET = object()
 
 
@@ -121,7 +136,8 @@ def parse_args(argv):
 
 # Options that may differ when resuming: they do not change what is computed step by step.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
-                     "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data"}
+                     "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
+                     "cache_dir", "rebuild_cache", "data_workers"}
 
 # bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -146,14 +162,6 @@ def fingerprint(ckpt_dir):
             for i in range(16):
                 f.seek((size - 65536) * i // 15 if size > 65536 else 0)
                 h.update(f.read(65536))
-    return h.hexdigest()
-
-
-def file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -385,7 +393,7 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
         os.makedirs(args.out_dir, exist_ok=True)
 
     # The base fingerprint and the data's hash tie a resumed run to what it started from.
-    base_fp, data_fp = fingerprint(args.init_from), file_hash(args.data)
+    base_fp, data_fp = fingerprint(args.init_from), data_hash(args.data)
     if state is not None:
         if state["base_fingerprint"] != base_fp:
             raise ValueError(f"--resume: {args.init_from} is not the checkpoint the run in {state_dir} started "
@@ -394,8 +402,13 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
             raise ValueError(f"--resume: {args.data} differs from the data the run in {state_dir} read")
 
     tokenizer = Tokenizer(args.init_from, template=args.template or None)
-    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack,
-                           args.val_fraction, args.seed, log)
+    # One process per machine tokenizes into the cache; the others wait for it and map it.
+    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack, args.val_fraction,
+                           args.seed, log, fields=args.fields.split(",") if args.fields else None,
+                           cache_dir=args.cache_dir, rebuild_cache=args.rebuild_cache,
+                           workers=args.data_workers or len(os.sched_getaffinity(0)),
+                           builder=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                           build_id=os.environ.get("TORCHELASTIC_RUN_ID"))
     log(data.summary() + f"; template {tokenizer.template}")
 
     # Same seed on every rank while building, so that new adapters start identical everywhere.
@@ -455,18 +468,22 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
 
     @torch.no_grad()
     def evaluate():
-        """Token-weighted LM loss over the held-out rows, each rank taking its share."""
+        """{"val_loss", "val_loss_by_source"}: token-weighted LM loss over the held-out rows, in
+        all and per data source, each rank taking its share."""
         raw_model.eval()
-        sums = torch.zeros(2, device=device)  # loss sum, target count
-        for idx, targets, kw in map(to_device, data.val_batches(args.batch_size, rank, world)):
-            with autocast:
-                _, loss = raw_model(idx, targets, **kw)
-            n = (targets != IGNORE_INDEX).sum()
-            sums += torch.stack([(loss - aux_term(raw_model)).float() * n, n.float()])
+        sums = torch.zeros(len(data.sources), 2, device=device)  # per source: loss sum, target count
+        for source in range(len(data.sources)):
+            for idx, targets, kw in map(to_device, data.val_batches(args.batch_size, rank, world, source)):
+                with autocast:
+                    _, loss = raw_model(idx, targets, **kw)
+                n = (targets != IGNORE_INDEX).sum()
+                sums[source] += torch.stack([(loss - aux_term(raw_model)).float() * n, n.float()])
         if ddp:
             dist.all_reduce(sums)
         raw_model.train()
-        return (sums[0] / sums[1]).item() if sums[1] > 0 else None
+        total = sums.sum(0).tolist()
+        by_source = {s["path"]: (x / n if n > 0 else None) for s, (x, n) in zip(data.sources, sums.tolist())}
+        return {"val_loss": total[0] / total[1] if total[1] > 0 else None, "val_loss_by_source": by_source}
 
     def save(it, data_row):
         cuda_rng = torch.cuda.get_rng_state(device) if device_type == "cuda" else None
@@ -494,9 +511,10 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
     while it < total:
         if data.val and args.eval_interval > 0 and it % args.eval_interval == 0:
             t_eval = time.time()
-            val_loss = evaluate()
+            evaluation = evaluate()
+            val_loss = evaluation["val_loss"]
             log(f"iter {it}: val loss {val_loss:.4f}")
-            write_metrics({"iter": it, "val_loss": val_loss})
+            write_metrics({"iter": it, **evaluation})
             t_last += time.time() - t_eval  # tokens/s counts training time only
         lr = get_lr(it, total, args)
         for group in optimizer.param_groups:
@@ -567,9 +585,10 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
             last_saved = save(it, data_row)
 
     if data.val:
-        val_loss = evaluate()
+        evaluation = evaluate()
+        val_loss = evaluation["val_loss"]
         log(f"iter {it}: val loss {val_loss:.4f}")
-        write_metrics({"iter": it, "val_loss": val_loss})
+        write_metrics({"iter": it, **evaluation})
     save(it, data_row)
     if master:
         export(raw_model, args.out_dir, file_dtype, args.init_from, tokenizer.template,

@@ -41,7 +41,7 @@ def options(env, out, *extra):
             "--num_experts", "4", "--top_k", "2", "--adapter_dim", "8", "--lora_rank", "0", "--seq_len", "64",
             "--batch_size", "2", "--grad_accum_steps", "2", "--max_iters", "3", "--lr", "1e-2",
             "--warmup_iters", "2", "--log_interval", "1", "--eval_interval", "2", "--save_interval", "0",
-            "--val_fraction", "0.1", *extra]
+            "--val_fraction", "0.1", "--cache_dir", str(env["dir"] / "cache"), *extra]
 
 
 def run(env, out, *extra):
