@@ -440,7 +440,8 @@ def assert_same_data(a, b):
 
 def mixture_files(tmp_path):
     sizes = {"A": 50, "B": 13, "C": 7}
-    return {p: write(tmp_path / f"{p}.jsonl", numbered_chat(n, prefix=f"src{p}-"), jsonl=True) for p, n in sizes.items()}
+    return {p: write(tmp_path / f"{p}.jsonl", numbered_chat(n, prefix=f"src{p}-"), jsonl=True)
+            for p, n in sizes.items()}
 
 
 def rows_by_source(data, tok):
@@ -483,7 +484,8 @@ def test_bare_paths_keep_every_row(tmp_path, byte_dir):
     assert sorted(map(tuple, data.train_rows)) == [(i,) for i in range(70)]  # each example once
     text = data.summary()
     for s in data.sources:  # rows and tokens per source at start
-        assert f"{s['path']} (chat, all rows)" in text and f"{s['rows']:,} rows of the mixture ({s['tokens']:,} tokens)" in text
+        assert f"{s['path']} (chat, all rows)" in text
+        assert f"{s['rows']:,} rows of the mixture ({s['tokens']:,} tokens)" in text
     assert sum(s["tokens"] for s in data.sources) == sum(len(data.train[i][0]) for i in range(len(data.train)))
 
 

@@ -273,9 +273,11 @@ def test_ddp_mixture_reads_the_rows_of_one_process(env):
     evals_a, evals_b = [r for r in a if "val_loss" in r], [r for r in b if "val_loss" in r]
     assert [r["iter"] for r in evals_a] == [r["iter"] for r in evals_b] == [0, 1]
     assert all(list(r["val_loss_by_source"]) == sources for r in evals_a + evals_b)  # every eval, every source
-    first_a, first_b = evals_a[0], evals_b[0]
-    got = torch.tensor([first_a["val_loss"], *first_a["val_loss_by_source"].values(), next(r["loss"] for r in a if "loss" in r)])
-    expected = torch.tensor([first_b["val_loss"], *first_b["val_loss_by_source"].values(), next(r["loss"] for r in b if "loss" in r)])
+
+    def before_the_update(records):
+        first_eval, first_step = records[0], next(r for r in records if "loss" in r)
+        return torch.tensor([first_eval["val_loss"], *first_eval["val_loss_by_source"].values(), first_step["loss"]])
+    got, expected = before_the_update(a), before_the_update(b)
     assert_close(got, expected, dtype=torch.float32, reduction=2 * 64 * 64)  # summed over layers' dots and tokens
 
 
