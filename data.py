@@ -58,7 +58,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, islice
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 import torch
@@ -487,8 +487,10 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
 
     def get_pool():
         if not pool:
-            # spawn, not fork: this process may hold threads (torch's), which fork does not copy
-            pool.append(ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+            # fork where there is one, as torch's DataLoader does: spawn would re-import torch and the
+            # main script in every worker (seconds each); the workers never touch torch or CUDA.
+            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+            pool.append(ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                             initargs=(tokenizer, template, seq_len, fields)))
         return pool[0]
 
