@@ -440,7 +440,7 @@ def _chunk_results(fmt, items, tokenize, get_pool, workers):
         yield future.result(), n, fraction_done
 
 
-def _tokenize_source(path, fields, tokenize, get_pool, workers, out, log):
+def _tokenize_source(path, fields, seq_len, tokenize, get_pool, workers, out, log):
     """Append one source's examples to the open files out["ids"], out["mask"]; returns
     (format, records read, records skipped, per-example stored lengths, per-example targets)."""
     items = iter_items(path)
@@ -470,7 +470,7 @@ def _tokenize_source(path, fields, tokenize, get_pool, workers, out, log):
         log(f"  tokenized {path}: {records:,} records in {time.time() - t0:.0f} s")
     if skipped:
         log(f"warning: {path}: skipped {skipped} of {records} records with no trainable token (no assistant turn, "
-            f"or cut off by --seq_len {out['seq_len']}), the first: {first_skipped}")
+            f"or cut off by --seq_len {seq_len}), the first: {first_skipped}")
     if not len(lengths):
         raise ValueError(f"{path}: no record has a trainable token; nothing to train on")
     return fmt, records, skipped, lengths, targets
@@ -495,9 +495,9 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
         return pool[0]
 
     out = {"ids": open(os.path.join(directory, "ids.bin"), "wb"),
-           "mask": open(os.path.join(directory, "mask.bin"), "wb"), "seq_len": seq_len}
+           "mask": open(os.path.join(directory, "mask.bin"), "wb")}
     try:
-        read = [_tokenize_source(path, fields, tokenize, get_pool, workers, out, log) for path, _ in sources]
+        read = [_tokenize_source(path, fields, seq_len, tokenize, get_pool, workers, out, log) for path, _ in sources]
     finally:
         out["ids"].close()
         out["mask"].close()
@@ -508,8 +508,8 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
     lengths = np.concatenate([r[3] for r in read])
     n_inputs = lengths - 1  # stored tokens minus one: the example's length once shifted
     targets = np.concatenate([r[4] for r in read])
-    arrays = {k: [] for k in ("train_examples", "train_row_offsets", "train_row_source", "val_examples",
-                              "val_row_offsets", "val_row_source")}
+    arrays = {k: [] for k in ("train_examples", "train_row_offsets", "val_examples", "val_row_offsets",
+                              "val_row_source")}
     first_example, placed, row_tokens, stats = 0, {"train": 0, "val": 0}, [], []
     for i, (fmt, records, skipped, source_lengths, _) in enumerate(read):
         n = len(source_lengths)
@@ -519,9 +519,10 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
             offsets = pack(n_inputs[examples], seq_len) if pack_rows else np.arange(len(examples) + 1)
             arrays[f"{part}_examples"].append(examples)
             arrays[f"{part}_row_offsets"].append(offsets[:-1] + placed[part])
-            arrays[f"{part}_row_source"].append(np.full(len(offsets) - 1, i, dtype=np.int32))
             placed[part] += len(examples)
-            if part == "train" and len(examples):
+            if part == "val":
+                arrays["val_row_source"].append(np.full(len(offsets) - 1, i, dtype=np.int32))
+            else:
                 row_tokens.append(np.add.reduceat(n_inputs[examples], offsets[:-1]))
         stats.append({"path": sources[i][0], "weight": sources[i][1], "format": fmt, "records": records,
                       "skipped": skipped, "train_examples": n - n_val, "val_examples": n_val,
@@ -539,7 +540,7 @@ def build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, va
     arrays["train_stream"] = [rows + base for rows, base in zip(chosen, row_base)]
     arrays["example_offsets"] = [np.zeros(1, np.int64), np.cumsum(lengths)]
 
-    dtypes = {"ids": "int32", "mask": "bool", "train_row_source": "int32", "val_row_source": "int32"}
+    dtypes = {"ids": "int32", "mask": "bool", "val_row_source": "int32"}
     described = {"ids": ["int32", int(lengths.sum())], "mask": ["bool", int(lengths.sum())]}
     for name, parts in arrays.items():
         array = np.concatenate(parts).astype(dtypes.get(name, "int64"))
@@ -727,6 +728,7 @@ class InstructionData:
             return build_arrays(directory, sources, tokenizer, template, seq_len, pack_rows, val_fraction, seed,
                                 fields, workers, log)
 
+        self.cache_path = None
         if cache_dir is None:  # built in a scratch directory and read into memory
             with tempfile.TemporaryDirectory(prefix="pesc-data-") as tmp:
                 header = build(tmp)
