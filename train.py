@@ -22,11 +22,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -135,9 +137,11 @@ def parse_args(argv):
 
 
 # Options that may differ when resuming: they do not change what is computed step by step.
+# grad_accum_steps may change with the world size as long as the rows per step stay the same
+# (checked in restore): dropout masks are keyed to the data position, not to the rank.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
-                     "cache_dir", "rebuild_cache", "data_workers"}
+                     "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers"}
 
 # bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -248,16 +252,21 @@ def trainable_state(model):
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_state(path, model, optimizer, meta, rng_states):
-    """Write train_state/ atomically: a temporary directory renamed over the old one."""
+def save_state(path, model, optimizer, meta):
+    """Write train_state/ so that a crash at any moment leaves a complete state on disk.
+
+    Everything goes to a temporary directory (state.json last), which replace_dir renames over the
+    old one; a crash between its two renames leaves the old state as path.old, which find_state
+    reads and this function first moves back."""
     from safetensors.torch import save_file
 
+    if not os.path.exists(path) and find_state(path) == path + ".old":
+        os.rename(path + ".old", path)
     tmp = tempfile.mkdtemp(prefix=".tmp-train_state-", dir=os.path.dirname(path))
     try:
         save_file({n: t.contiguous() for n, t in trainable_state(model).items()},
                   os.path.join(tmp, "trainable.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_states, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(meta, f, indent=2)
         replace_dir(tmp, path)
@@ -328,7 +337,12 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
         ckpt = os.path.join(stage, "ckpt")
         write_checkpoint(ckpt, model.config.to_dict(), tensors(), extra_files=extra)
-        names = sorted(os.listdir(ckpt), key=lambda n: n == "config.json")  # config.json last
+        # out_dir also holds train_state/ and metrics.jsonl, so the export cannot be one rename.
+        # config.json makes a directory a checkpoint: the old one goes first and the new one comes
+        # last, so a crash while moving leaves no checkpoint (resume to finish it), never a mixed one.
+        names = sorted(os.listdir(ckpt), key=lambda n: n == "config.json")
+        if os.path.exists(os.path.join(out_dir, "config.json")):
+            os.remove(os.path.join(out_dir, "config.json"))
         for old in os.listdir(out_dir):  # shards of an earlier export that this one does not have
             if (old.startswith("model") and old.endswith((".safetensors", ".index.json"))) and old not in names:
                 os.remove(os.path.join(out_dir, old))
@@ -341,9 +355,109 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
 # -----------------------------------------------------------------------------
 # Training
 
+# Exit status of a run stopped by SIGTERM or SIGINT after saving its state (EX_TEMPFAIL of
+# sysexits.h: nothing is wrong, run the same thing again with --resume).
+PREEMPTED = 75
+
+
+@dataclass
+class Dist:
+    """Where this process runs: its rank among `world` processes and its device."""
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+    device_type: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+@dataclass
+class Run:
+    """A training job as setup() builds it and train_step() advances it."""
+    args: argparse.Namespace
+    dist: Dist
+    log: object
+    model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped
+    raw_model: Transformer
+    optimizer: torch.optim.Optimizer
+    params: list
+    data: InstructionData
+    tokenizer: Tokenizer
+    file_dtype: torch.dtype
+    autocast: object
+    state_dir: str
+    base_fp: str
+    data_fp: str
+    total: int  # optimizer steps of the whole run
+    it: int = 0  # optimizer steps done
+    data_row: int = 0  # rows of the data stream consumed
+    last_saved: int | None = None
+
+    @property
+    def rows_per_step(self):
+        return self.args.batch_size * self.args.grad_accum_steps * self.dist.world
+
+
+def dropout_seed(seed, row):
+    """The seed of every random mask of the micro-batch whose first row is `row` of the data stream.
+
+    A function of the run's seed and the data position only: the same rows get the same dropout
+    masks whatever the world size, the split into ranks and accumulation, or where a resume began."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:8], "little") >> 1
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop stops after the step it is in, saves, and exits.
+
+    A second signal of the same kind gets the default behaviour (kill, KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._old[signum])
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def find_state(state_dir):
+    """The complete training state on disk: state_dir, or its `.old` twin when a crash came between
+    the two renames of replace_dir; None when there is none."""
+    for path in (state_dir, state_dir + ".old"):
+        if os.path.isfile(os.path.join(path, "state.json")):
+            return path
+    return None
+
+
+def reduce_stats(stats, ddp):
+    """Sum a dict of named tensors over all ranks with one all-reduce."""
+    flat = torch.cat([t.reshape(-1).float() for t in stats.values()])
+    if ddp:
+        dist.all_reduce(flat)
+    out, i = {}, 0
+    for k, t in stats.items():
+        out[k], i = flat[i:i + t.numel()].view(t.shape), i + t.numel()
+    return out
+
+
+def to_device(batch, device):
+    idx, targets, kw = batch
+    return idx.to(device), targets.to(device), {k: v.to(device) for k, v in kw.items()}
+
 
 def train(args, given=frozenset()):
-    """Run one training job; returns {"iter", "loss", "val_loss", "out_dir"}."""
+    """Run one training job; returns {"iter", "loss", "val_loss", "out_dir", "stopped"}."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = 0, 0, 1
     if ddp:
@@ -356,51 +470,40 @@ def train(args, given=frozenset()):
         if device_type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
     try:
-        return _train(args, given, ddp, rank, world, device, device_type, master, log)
+        with StopSignal() as stop:
+            run = setup(args, given, Dist(ddp, rank, world, device, device_type))
+            return loop(run, stop)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def _train(args, given, ddp, rank, world, device, device_type, master, log):
+def setup(args, given, where):
+    """Options (merged with a resumed run's), data, model, optimizer, and the resumed state."""
     state_dir = os.path.join(args.out_dir, "train_state")
-    state = None
-    if args.resume:
-        state_file = os.path.join(state_dir, "state.json")
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(f"--resume: {state_file} does not exist")
-        with open(state_file) as f:
-            state = json.load(f)
-        saved = state["options"]
-        for k in sorted(given - RESUME_MAY_CHANGE):
-            if getattr(args, k) != saved.get(k):
-                raise ValueError(f"--resume: --{k} is {getattr(args, k)!r} but the run in {state_dir} used "
-                                 f"{saved.get(k)!r}; an exact resume needs the same value")
-        known = vars(build_parser().parse_args([]))
-        args = argparse.Namespace(**{**known, **{k: v for k, v in saved.items() if k in known},
-                                     **{k: getattr(args, k) for k in given}, "device": args.device})
+    saved = find_state(state_dir) if args.resume else None
+    if args.resume and saved is None:
+        raise FileNotFoundError(f"--resume: {os.path.join(state_dir, 'state.json')} does not exist")
+    state = read_state(saved, args, given) if saved else None
+    if state is not None:
+        args = state["args"]
     if not args.init_from or not args.data:
         raise SystemExit("train.py: pass --init_from CKPT and --data FILE (or no arguments at all for the demo)")
+    log = print if where.master else (lambda *a, **k: None)
     if args.dtype == "auto":
-        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        args.dtype = "bfloat16" if where.device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ptdtype = getattr(torch, args.dtype)
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(where.device_type, dtype=ptdtype)
     log("options:\n" + "\n".join(f"  --{k} {v}" for k, v in vars(args).items()))
-    if master:
+    if where.master:
         os.makedirs(args.out_dir, exist_ok=True)
+        for name in os.listdir(args.out_dir):  # what a crash in the middle of a save left behind
+            if name.startswith((".tmp-train_state-", ".tmp-export-")):
+                shutil.rmtree(os.path.join(args.out_dir, name), ignore_errors=True)
 
     # The base fingerprint and the data's hash tie a resumed run to what it started from.
     base_fp, data_fp = fingerprint(args.init_from), data_hash(args.data)
-    if state is not None:
-        if state["base_fingerprint"] != base_fp:
-            raise ValueError(f"--resume: {args.init_from} is not the checkpoint the run in {state_dir} started "
-                             f"from (fingerprint {base_fp[:12]} != {state['base_fingerprint'][:12]})")
-        if state["data_hash"] != data_fp:
-            raise ValueError(f"--resume: {args.data} differs from the data the run in {state_dir} read")
-
     tokenizer = Tokenizer(args.init_from, template=args.template or None)
     # One process per machine tokenizes into the cache; the others wait for it and map it.
     data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack, args.val_fraction,
@@ -413,7 +516,7 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
 
     # Same seed on every rank while building, so that new adapters start identical everywhere.
     torch.manual_seed(args.seed)
-    model, file_dtype = setup_model(args, device, ptdtype, log)
+    model, file_dtype = setup_model(args, where.device, ptdtype, log)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
     log(moe.trainable_report(model))
@@ -422,179 +525,237 @@ def _train(args, given, ddp, rank, world, device, device_type, master, log):
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
-    torch.manual_seed(args.seed + rank)  # each rank its own dropout masks
-
-    rows_per_step = args.batch_size * args.grad_accum_steps * world
+                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=where.device_type == "cuda")
+    rows_per_step = args.batch_size * args.grad_accum_steps * where.world
     total = args.max_iters or max(1, math.ceil(args.epochs * len(data.train_rows) / rows_per_step))
-    it, data_row = 0, 0
+    run = Run(args, where, log, model, model, optimizer, params, data, tokenizer, file_dtype, autocast,
+              state_dir, base_fp, data_fp, total)
     if state is not None:
-        load_trainable(model, os.path.join(state_dir, "trainable.safetensors"))
-        optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.pt"), map_location=device,
-                                             weights_only=True))
-        rng = torch.load(os.path.join(state_dir, "rng.pt"), weights_only=True)
-        if len(rng) == world:
-            torch.set_rng_state(rng[rank]["cpu"])
-            if device_type == "cuda" and rng[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng[rank]["cuda"], device)
-        else:
-            log(f"warning: the run was saved by {len(rng)} ranks, now {world}: dropout masks will differ")
-        it, data_row = state["iter"], state["data_row"]
-        log(f"resumed at iteration {it} (row {data_row} of the data stream)")
-
-    raw_model = model
+        restore(run, saved, state)
     if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+        run.model = torch.compile(run.model)
+    if where.ddp:
+        run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None)
+    start_metrics(run, resumed=state is not None)
+    return run
 
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if master:  # a resumed run drops what its crashed predecessor logged past the checkpoint
-        kept = []
-        if state is not None and os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line).get("iter", 0) <= it]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
 
-    def write_metrics(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def read_state(path, args, given):
+    """state.json of a resumed run, with "args": the saved options, overridden by those given now.
 
-    def to_device(batch):
-        idx, targets, kw = batch
-        return idx.to(device), targets.to(device), {k: v.to(device) for k, v in kw.items()}
+    An option that changes what is computed must not change, except the split of a step's rows
+    between ranks and accumulation: the rows per step must stay the same."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    saved = state["options"]
+    for k in sorted(given - RESUME_MAY_CHANGE):
+        if getattr(args, k) != saved.get(k):
+            raise ValueError(f"--resume: --{k} is {getattr(args, k)!r} but the run in {path} used "
+                             f"{saved.get(k)!r}; an exact resume needs the same value")
+    known = vars(build_parser().parse_args([]))
+    state["args"] = argparse.Namespace(**{**known, **{k: v for k, v in saved.items() if k in known},
+                                          **{k: getattr(args, k) for k in given}, "device": args.device})
+    return state
 
-    @torch.no_grad()
-    def evaluate():
-        """{"val_loss", "val_loss_by_source"}: token-weighted LM loss over the held-out rows, in
-        all and per data source, each rank taking its share."""
-        raw_model.eval()
-        sums = torch.zeros(len(data.sources), 2, device=device)  # per source: loss sum, target count
-        for source in range(len(data.sources)):
-            for idx, targets, kw in map(to_device, data.val_batches(args.batch_size, rank, world, source)):
-                with autocast:
-                    _, loss = raw_model(idx, targets, **kw)
-                n = (targets != IGNORE_INDEX).sum()
-                sums[source] += torch.stack([(loss - aux_term(raw_model)).float() * n, n.float()])
-        if ddp:
-            dist.all_reduce(sums)
-        raw_model.train()
-        total = sums.sum(0).tolist()
-        by_source = {s["path"]: (x / n if n > 0 else None) for s, (x, n) in zip(data.sources, sums.tolist())}
-        return {"val_loss": total[0] / total[1] if total[1] > 0 else None, "val_loss_by_source": by_source}
 
-    def save(it, data_row):
-        cuda_rng = torch.cuda.get_rng_state(device) if device_type == "cuda" else None
-        rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
-        rngs = [rng]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng)
-        if master:
-            meta = {"iter": it, "data_row": data_row, "options": vars(args), "base_fingerprint": base_fp,
-                    "data_hash": data_fp, "trainable": sorted(trainable_state(raw_model)), "world_size": world}
-            save_state(state_dir, raw_model, optimizer, meta, rngs)
-        return it
+def restore(run, path, state):
+    """Load the trainable tensors, the optimizer and the data position of a saved run."""
+    if state["base_fingerprint"] != run.base_fp:
+        raise ValueError(f"--resume: {run.args.init_from} is not the checkpoint the run in {path} started "
+                         f"from (fingerprint {run.base_fp[:12]} != {state['base_fingerprint'][:12]})")
+    if state["data_hash"] != run.data_fp:
+        raise ValueError(f"--resume: {run.args.data} differs from the data the run in {path} read")
+    saved_rows = state.get("rows_per_step", state["options"]["batch_size"] * state["options"]["grad_accum_steps"]
+                           * state.get("world_size", 1))
+    if saved_rows != run.rows_per_step:
+        a = run.args
+        fix = saved_rows / (a.batch_size * run.dist.world)
+        hint = f"--grad_accum_steps {int(fix)}" if fix == int(fix) else "a --grad_accum_steps that gives as many"
+        raise ValueError(f"--resume: the run in {path} took {saved_rows} rows per optimizer step, now "
+                         f"--batch_size {a.batch_size} x --grad_accum_steps {a.grad_accum_steps} x "
+                         f"{run.dist.world} rank{'s' if run.dist.world > 1 else ''} = {run.rows_per_step}; pass {hint}")
+    load_trainable(run.raw_model, os.path.join(path, "trainable.safetensors"))
+    run.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=run.dist.device,
+                                             weights_only=True))
+    run.it, run.data_row = state["iter"], state["data_row"]
+    run.last_saved = run.it
+    run.log(f"resumed at iteration {run.it} (row {run.data_row} of the data stream) from {path}")
 
-    is_pesc = raw_model.config.moe is not None
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device_type == "cuda" else None
-    R = len(data.train_rows)
-    log(f"training {total - it} steps of {rows_per_step} rows x {args.seq_len} tokens "
-        f"(epoch {data_row / R:.2f} -> {(data_row + (total - it) * rows_per_step) / R:.2f})")
-    last_saved = it if state is not None else None
+
+def start_metrics(run, resumed):
+    """metrics.jsonl: a resumed run drops what its interrupted predecessor logged past the checkpoint."""
+    if not run.dist.master:
+        return
+    path = os.path.join(run.args.out_dir, "metrics.jsonl")
+    kept = []
+    if resumed and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line).get("iter", 0) <= run.it]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def write_metrics(run, record):
+    if run.dist.master:
+        with open(os.path.join(run.args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def loop(run, stop):
+    """Evaluate, step, log and save until the last step or a stop signal; then export."""
+    args = run.args
+    R = len(run.data.train_rows)
+    run.log(f"training {run.total - run.it} steps of {run.rows_per_step} rows x {args.seq_len} tokens "
+            f"(epoch {run.data_row / R:.2f} -> {(run.data_row + (run.total - run.it) * run.rows_per_step) / R:.2f})")
     loss_avg, val_loss = None, None
-    t_last, tokens_since = time.time(), 0
-    model.train()
-    while it < total:
-        if data.val and args.eval_interval > 0 and it % args.eval_interval == 0:
+    clock = {"t": time.time(), "tokens": 0}  # tokens/s counts training time only
+    run.model.train()
+    while run.it < run.total:
+        if run.data.val and args.eval_interval > 0 and run.it % args.eval_interval == 0:
             t_eval = time.time()
-            evaluation = evaluate()
-            val_loss = evaluation["val_loss"]
-            log(f"iter {it}: val loss {val_loss:.4f}")
-            write_metrics({"iter": it, **evaluation})
-            t_last += time.time() - t_eval  # tokens/s counts training time only
-        lr = get_lr(it, total, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+            val_loss = evaluate(run)
+            clock["t"] += time.time() - t_eval
+        lr = get_lr(run.it, run.total, args)
+        step = train_step(run, lr, stop_requested=stop.received is not None)
+        loss_avg = step["loss"] if loss_avg is None else 0.9 * loss_avg + 0.1 * step["loss"]
+        clock["tokens"] += step["tokens"]
+        if run.it % args.log_interval == 0 or run.it == run.total or step["stop"]:
+            log_step(run, lr, step, clock)
+        if step["stop"]:  # every rank saw the same all-reduced flag: all stop after this step
+            save(run)
+            if run.dist.ddp:
+                dist.barrier()  # no rank exits (and makes torchrun kill the others) before the save is done
+            why = stop.received or "a stop signal on another rank"
+            launcher = f"torchrun --nproc_per_node={run.dist.world}" if run.dist.ddp else "python"
+            run.log(f"stopped by {why} after iteration {run.it}; the state is in {run.state_dir}. Resume with:\n"
+                    f"  {launcher} train.py --out_dir {args.out_dir} --resume")
+            return {"iter": run.it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir,
+                    "stopped": why}
+        if args.save_interval > 0 and run.it % args.save_interval == 0 and run.it < run.total:
+            save(run)
 
-        # Summed over micro-steps (and ranks): lm loss, aux loss, z loss, tokens, (L, E) expert loads.
-        L, E = (raw_model.config.n_layers, raw_model.config.moe.num_experts) if is_pesc else (0, 0)
-        stats = torch.zeros(4 + L * E, device=device)
-        for micro in range(args.grad_accum_steps):
-            start = data_row + (rank * args.grad_accum_steps + micro) * args.batch_size
-            idx, targets, kw = to_device(data.train_batch(start, args.batch_size))
-            if ddp:
-                # All-reduce the gradients only on the last micro-step: the earlier ones just
-                # accumulate locally (what no_sync() does, without a context manager).
-                model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
-            with autocast:
-                _, loss = model(idx, targets, **kw)
-            (loss / args.grad_accum_steps).backward()
-            with torch.no_grad():
-                if is_pesc:
-                    s = raw_model.router_stats
-                    stats[:3] += torch.stack([loss - aux_term(raw_model), s["aux_loss"], s["z_loss"]]).float()
-                    stats[4:] += s["load"].reshape(-1).float()
-                else:
-                    stats[0] += loss.float()
-                stats[3] += idx.numel()  # positions computed, padding included
-        if ddp:
-            dist.all_reduce(stats)
-        stats[:3] /= args.grad_accum_steps * world
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        # one host sync per step: the non-finite check must come before the update
-        loss_now, norm_now, n_tokens = torch.stack([stats[0], grad_norm.float(), stats[3]]).tolist()
-        tokens_since += n_tokens
-        if not (math.isfinite(loss_now) and math.isfinite(norm_now)):
-            where = f"the last good checkpoint is {state_dir} (iteration {last_saved})" if last_saved is not None \
-                else "no checkpoint was saved yet"
-            raise RuntimeError(f"iteration {it + 1}: loss {loss_now}, grad norm {norm_now} is not finite; "
-                               f"stopping before the update; {where}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        data_row += rows_per_step
-        loss_avg = loss_now if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_now
-
-        if it % args.log_interval == 0 or it == total:
-            dt = time.time() - t_last
-            tok_s = tokens_since / dt
-            record = {"iter": it, "loss": loss_now, "lr": lr, "grad_norm": norm_now, "tokens_per_sec": tok_s,
-                      "epoch": data_row / len(data.train_rows)}
-            line = f"iter {it}: loss {loss_now:.4f}"
-            if is_pesc:
-                load = stats[4:].view(L, E)
-                share = load / load.sum(-1, keepdim=True).clamp(min=1)  # (L, E) share of assignments
-                imbalance = (share.max(-1).values * E).max().item()  # busiest expert vs a fair share
-                record.update(aux_loss=stats[1].item(), z_loss=stats[2].item(), load_max_over_mean=imbalance,
-                              expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
-                line += f", aux {stats[1].item():.4f}"
-            line += f", lr {lr:.2e}, grad norm {norm_now:.4f}, {tok_s:,.0f} tok/s"
-            if peak is not None:
-                record["mfu"] = raw_model.estimate_mfu(tok_s / world, args.seq_len, peak)
-                line += f", mfu {100 * record['mfu']:.1f}%"
-            if is_pesc:
-                line += f", load max/mean {imbalance:.2f}"
-            log(line)
-            write_metrics(record)
-            t_last, tokens_since = time.time(), 0
-        if args.save_interval > 0 and it % args.save_interval == 0 and it < total:
-            last_saved = save(it, data_row)
-
-    if data.val:
-        evaluation = evaluate()
-        val_loss = evaluation["val_loss"]
-        log(f"iter {it}: val loss {val_loss:.4f}")
-        write_metrics({"iter": it, **evaluation})
-    save(it, data_row)
-    if master:
-        export(raw_model, args.out_dir, file_dtype, args.init_from, tokenizer.template,
+    if run.data.val:
+        val_loss = evaluate(run)
+    save(run)
+    if run.dist.master:
+        export(run.raw_model, args.out_dir, run.file_dtype, args.init_from, run.tokenizer.template,
                bool(args.template), vars(args))
-        log(f"saved the {'PESC' if raw_model.config.moe is not None else 'dense'} checkpoint to {args.out_dir}")
-    return {"iter": it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir}
+        run.log(f"saved the {'PESC' if run.raw_model.config.moe is not None else 'dense'} checkpoint "
+                f"to {args.out_dir}")
+    return {"iter": run.it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir, "stopped": None}
+
+
+def train_step(run, lr, stop_requested=False):
+    """One optimizer step over this rank's micro-batches. Returns the step's statistics, summed over
+    ranks in one all-reduce that also carries the stop flag, so that every rank stops together."""
+    args, raw = run.args, run.raw_model
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    is_pesc = raw.config.moe is not None
+    L, E = (raw.config.n_layers, raw.config.moe.num_experts) if is_pesc else (0, 0)
+    zero = lambda *shape: torch.zeros(shape, device=run.dist.device)  # noqa: E731
+    stats = {"lm_loss": zero(), "aux_loss": zero(), "z_loss": zero(), "tokens": zero(), "stop": zero(),
+             "load": zero(L, E)}
+    for micro in range(args.grad_accum_steps):
+        start = run.data_row + (run.dist.rank * args.grad_accum_steps + micro) * args.batch_size
+        idx, targets, kw = to_device(run.data.train_batch(start, args.batch_size), run.dist.device)
+        torch.manual_seed(dropout_seed(args.seed, start))  # every dropout mask of these rows (CPU and CUDA)
+        if run.dist.ddp:
+            # All-reduce the gradients only on the last micro-step: the earlier ones just
+            # accumulate locally (what no_sync() does, without a context manager).
+            run.model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
+        with run.autocast:
+            _, loss = run.model(idx, targets, **kw)
+        (loss / args.grad_accum_steps).backward()
+        with torch.no_grad():
+            stats["lm_loss"] += (loss - aux_term(raw)).float()
+            if is_pesc:
+                stats["aux_loss"] += raw.router_stats["aux_loss"].float()
+                stats["z_loss"] += raw.router_stats["z_loss"].float()
+                stats["load"] += raw.router_stats["load"].float()
+            stats["tokens"] += idx.numel()  # positions computed, padding included
+    stats["stop"] += float(stop_requested)
+    stats = reduce_stats(stats, run.dist.ddp)
+    for k in ("lm_loss", "aux_loss", "z_loss"):
+        stats[k] /= args.grad_accum_steps * run.dist.world
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    # one host sync per step: the non-finite check must come before the update
+    loss, norm, tokens, stop = torch.stack([stats["lm_loss"], grad_norm.float(), stats["tokens"],
+                                            stats["stop"]]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        last = f"the last good checkpoint is {run.state_dir} (iteration {run.last_saved})" \
+            if run.last_saved is not None else "no checkpoint was saved yet"
+        raise RuntimeError(f"iteration {run.it + 1}: loss {loss}, grad norm {norm} is not finite; "
+                           f"stopping before the update; {last}")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.it += 1
+    run.data_row += run.rows_per_step
+    return {"loss": loss, "grad_norm": norm, "tokens": tokens, "stop": stop > 0, "aux_loss": stats["aux_loss"],
+            "z_loss": stats["z_loss"], "load": stats["load"]}
+
+
+def log_step(run, lr, step, clock):
+    """One log line and one metrics.jsonl record for the step just taken."""
+    dt = time.time() - clock["t"]
+    tok_s = clock["tokens"] / dt
+    record = {"iter": run.it, "loss": step["loss"], "lr": lr, "grad_norm": step["grad_norm"],
+              "tokens_per_sec": tok_s, "epoch": run.data_row / len(run.data.train_rows)}
+    line = f"iter {run.it}: loss {step['loss']:.4f}"
+    load = step["load"]
+    if load.numel():  # PESC: (L, E) share of the (token, slot) assignments per layer
+        E = load.shape[-1]
+        share = load / load.sum(-1, keepdim=True).clamp(min=1)
+        imbalance = (share.max(-1).values * E).max().item()  # busiest expert vs a fair share
+        record.update(aux_loss=step["aux_loss"].item(), z_loss=step["z_loss"].item(), load_max_over_mean=imbalance,
+                      expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
+        line += f", aux {record['aux_loss']:.4f}"
+    line += f", lr {lr:.2e}, grad norm {step['grad_norm']:.4f}, {tok_s:,.0f} tok/s"
+    if run.dist.device_type == "cuda":
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.dist.device)), None)
+        if peak is not None:
+            record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
+            line += f", mfu {100 * record['mfu']:.1f}%"
+    if load.numel():
+        line += f", load max/mean {imbalance:.2f}"
+    run.log(line)
+    write_metrics(run, record)
+    clock["t"], clock["tokens"] = time.time(), 0
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Token-weighted LM loss over the held-out rows, in all and per data source, each rank taking
+    its share; logged, and written to metrics.jsonl with "val_loss_by_source"."""
+    raw, sources = run.raw_model, run.data.sources
+    raw.eval()
+    sums = torch.zeros(len(sources), 2, device=run.dist.device)  # per source: loss sum, target count
+    for source in range(len(sources)):
+        for batch in run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source):
+            idx, targets, kw = to_device(batch, run.dist.device)
+            with run.autocast:
+                _, loss = raw(idx, targets, **kw)
+            n = (targets != IGNORE_INDEX).sum()
+            sums[source] += torch.stack([(loss - aux_term(raw)).float() * n, n.float()])
+    if run.dist.ddp:
+        dist.all_reduce(sums)
+    raw.train()
+    total, n = sums.sum(0).tolist()
+    val_loss = total / n if n > 0 else None
+    by_source = {s["path"]: (x / m if m > 0 else None) for s, (x, m) in zip(sources, sums.tolist())}
+    run.log(f"iter {run.it}: val loss {val_loss:.4f}" if val_loss is not None else f"iter {run.it}: no val targets")
+    write_metrics(run, {"iter": run.it, "val_loss": val_loss, "val_loss_by_source": by_source})
+    return val_loss
+
+
+def save(run):
+    """Write train_state/ (rank 0; every rank holds the same trainable tensors and optimizer)."""
+    if run.dist.master:
+        meta = {"iter": run.it, "data_row": run.data_row, "options": vars(run.args), "base_fingerprint": run.base_fp,
+                "data_hash": run.data_fp, "trainable": sorted(trainable_state(run.raw_model)),
+                "world_size": run.dist.world, "rows_per_step": run.rows_per_step}
+        save_state(run.state_dir, run.raw_model, run.optimizer, meta)
+    run.last_saved = run.it
 
 
 # -----------------------------------------------------------------------------
@@ -687,6 +848,12 @@ def demo_eval(ckpt, questions):
     return total / count, accuracy, samples
 
 
+def stage(argv):
+    """One training run of the demo; a stop signal ends the whole demo."""
+    if train(*parse_args(argv))["stopped"]:
+        sys.exit(PREEMPTED)
+
+
 def demo():
     """Tokenizer, tiny dense base (pretrained here), PESC instruction tuning, before/after eval."""
     from model import ModelConfig
@@ -707,23 +874,23 @@ def demo():
 
     # 2. Pretrain it on plain text: the dense base that PESC starts from.
     print("\n== 1/3: pretraining the dense base on generated text (--mode full) ==")
-    train(*parse_args(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
+    stage(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
                        "--out_dir", base_dir, "--mode", "full", "--device", "cpu", "--seq_len", "256",
                        "--batch_size", "8", "--grad_accum_steps", "1", "--max_iters", "2000", "--lr", "5e-3",
                        "--lr_schedule", "cosine", "--min_lr", "5e-4", "--warmup_iters", "30", "--beta2", "0.99",
                        "--grad_clip", "1.0", "--val_fraction", "0.02", "--eval_interval", "1000",
-                       "--log_interval", "200", "--save_interval", "0"]))
+                       "--log_interval", "200", "--save_interval", "0"])
     before = demo_eval(base_dir, questions)
 
     # 3. Upcycle to PESC; train routers, adapters and LoRA (the official recipe's trainable parts).
     print("\n== 2/3: upcycling to PESC and instruction tuning (--mode pesc) ==")
-    train(*parse_args(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
+    stage(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
                        "--out_dir", DEMO_DIR, "--mode", "pesc", "--device", "cpu", "--num_experts", "4",
                        "--top_k", "2", "--adapter_dim", "32", "--adapter_scaling", "1.0", "--adapter_dropout", "0",
                        "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--seq_len", "256",
                        "--batch_size", "8", "--grad_accum_steps", "1", "--max_iters", "500", "--lr", "3e-3",
                        "--warmup_iters", "20", "--beta2", "0.99", "--grad_clip", "1.0", "--val_fraction", "0.02",
-                       "--eval_interval", "250", "--log_interval", "50", "--save_interval", "0"]))
+                       "--eval_interval", "250", "--log_interval", "50", "--save_interval", "0"])
     after = demo_eval(DEMO_DIR, questions)
 
     print(f"\n== 3/3: {len(questions)} held-out instructions (words never seen in instruction tuning) ==")
@@ -745,4 +912,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(PREEMPTED if result and result["stopped"] else 0)
