@@ -193,14 +193,6 @@ def parse_item(where, item, is_line):
         raise ValueError(f"{where}: not UTF-8 text ({e})") from None
 
 
-def read_records(path, fields=None):
-    """(format, [(where, record), ...]) of a whole data file (the pipeline itself streams)."""
-    records = [(where, parse_item(where, item, is_line)) for where, item, is_line, _ in iter_items(path)]
-    if not records:
-        raise ValueError(f"{path}: the data file holds no records")
-    return record_format(*records[0], fields), records
-
-
 def record_format(where, record, fields=None):
     """'chat', 'sharegpt', 'pesc', 'alpaca' or 'pairs' from a record's keys."""
     if not isinstance(record, dict):
@@ -292,16 +284,6 @@ def to_messages(fmt, where, record, fields=None):
 
 # -----------------------------------------------------------------------------
 # Tokenizing
-
-
-def tokenize_example(tokenizer, kind, content, template, seq_len, where="example"):
-    """(inputs, targets) int32 arrays of one example, shifted for next-token prediction and cut
-    to seq_len; targets are -100 outside assistant turns. None for an example with no turns."""
-    stored = _encode_example(tokenizer, kind, content, template, seq_len, where)
-    if stored is None:
-        return None
-    ids, mask = stored
-    return ids[:-1].copy(), np.where(mask[1:], ids[1:], IGNORE_INDEX).astype(np.int32)
 
 
 def _encode_example(tokenizer, kind, content, template, seq_len, where):

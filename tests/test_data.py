@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data as data_module
-from data import IGNORE_INDEX, InstructionData, attention_inputs, collate, data_hash, read_records
+from data import IGNORE_INDEX, InstructionData, attention_inputs, collate, data_hash
 from model import ModelConfig, Transformer
 from moe import PESCConfig, upcycle
 from tokenizer import Tokenizer, byte_to_unicode, write_byte_tokenizer
@@ -258,11 +258,11 @@ def test_malformed_json_line_names_the_line(tmp_path, byte_dir):
         InstructionData(str(path), Tokenizer(byte_dir), 64, "llama3")
 
 
-def test_malformed_json_list_names_line_and_column(tmp_path):
+def test_malformed_json_list_names_line_and_column(tmp_path, byte_dir):
     path = tmp_path / "bad.json"
-    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]')
-    with pytest.raises(ValueError, match=r"bad.json:3:\d+: malformed JSON"):
-        read_records(str(path))
+    path.write_text('\n[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]')
+    with pytest.raises(ValueError, match=r"bad.json:4:\d+: malformed JSON"):  # the file's line, blank lines counted
+        InstructionData(str(path), Tokenizer(byte_dir), 64, "llama3")
 
 
 @pytest.mark.parametrize("records,match", [
