@@ -3,7 +3,7 @@ Benchmarks. Each section warms up, then times; numbers go to BENCHMARKS.md by ha
 machine, the date and the command.
 
     python bench.py                      # every section that fits the device
-    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, issue 3 sizes)
+    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, dim 1024, 4096 tokens)
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
@@ -24,10 +24,9 @@ import kernels
 import model
 import moe
 from data import attention_inputs
-from model import FeedForward, ModelConfig, Transformer
-from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
+from model import FeedForward, ModelConfig, Transformer, peak_flops
+from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, set_trainable, upcycle
 from sample import DTYPES, generate
-from train import PEAK_FLOPS, build_parser
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -74,7 +73,7 @@ def kernel_mode(mode, loop=False):
 
 
 # -----------------------------------------------------------------------------
-# One PESC layer vs the dense FFN (issue 3)
+# One PESC layer vs the dense FFN, on the CPU
 
 
 def adapter_experts_dense(y, weights, experts, down, up, scaling):
@@ -94,7 +93,8 @@ def bench_moe(args):
     D, F_, E, k, r, N = 1024, 2816, 8, 2, 64, 4096
     torch.manual_seed(0)
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)).to(dev)
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)
+    layer = PESCFeedForward(ffn, cfg).to(dev)
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)
     x = torch.randn(1, N, D, device=dev, dtype=dt, requires_grad=True)
@@ -104,7 +104,7 @@ def bench_moe(args):
         ffn(x).backward(g)
 
     def pesc_step():
-        layer(x).backward(g)
+        layer(x, cfg)[0].backward(g)
 
     # the MoE part alone: router, dispatch, adapters, combine, on a fixed FFN output
     y = torch.randn(N, D, device=dev, dtype=dt, requires_grad=True)
@@ -132,7 +132,7 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
-# Decoding (issue 5)
+# Decoding: the KV cache vs recomputing the sequence
 
 
 def bench_decode(args):
@@ -198,7 +198,7 @@ def bench_decode(args):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels vs their PyTorch twins (issue 7, GPU)
+# Triton kernels vs their PyTorch twins (GPU)
 
 
 def bench_kernels(args):
@@ -297,7 +297,8 @@ def bench_kernels(args):
     # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
     # and adapters only (the FFN is frozen), training mode (adapter dropout on).
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r)
+    layer = PESCFeedForward(ffn, cfg).train()
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
     trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
@@ -306,7 +307,7 @@ def bench_kernels(args):
     for mode in ("triton", "torch"):
         with kernel_mode(mode):
             d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
-            p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
+            p_ms, p_mib = measure(fwd_bwd(lambda x: layer(x, cfg)[0], (xl,), trainable))
         results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
         label = "kernels" if mode == "triton" else "twins  "
         print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
@@ -332,7 +333,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]
 
     def step():
         _, loss = net(idx, idx)
@@ -354,7 +355,7 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
-# Training throughput per mode (issue 6)
+# Training throughput per train.py --mode
 
 
 def bench_train(args):
@@ -390,7 +391,7 @@ def train_step_bench(mode, device, layers):
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_flops(device)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")
@@ -402,8 +403,8 @@ def train_step_bench(mode, device, layers):
     if mode.startswith("pesc"):
         upcycle(net, replace(pesc, lora_rank=lora_rank if mode == "pesc+lora" else 0))
     elif mode == "lora":
-        net.requires_grad_(False)
         add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
+    set_trainable(net, mode.split("+")[0])  # the rule train.setup_model applies
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
         p.data = p.data.float()
@@ -435,7 +436,7 @@ def train_step_bench(mode, device, layers):
 
 
 # -----------------------------------------------------------------------------
-# The data pipeline at real size (issue 18)
+# The data pipeline at real size: tokenizing into the token cache, a second start
 
 WORDS = ("the of and to in is that for it as with was on be by this are or at from have an which not "
          "but what all were when we there can your more one has their if will each about how up out them "
@@ -462,6 +463,9 @@ def write_sharegpt(path, n, seed=0):
             f.write(json.dumps({"conversations": turns}) + "\n")
 
 
+DATA_SEED = 0  # passed to train.py too, so that its second start finds this cache
+
+
 def build_data_once(spec, tokenizer_dir, cache_dir, seq_len, workers):
     """One first start of the data pipeline in its own process: seconds and peak memory."""
     import resource
@@ -472,9 +476,8 @@ def build_data_once(spec, tokenizer_dir, cache_dir, seq_len, workers):
     tok = Tokenizer(tokenizer_dir)
     idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    defaults = build_parser().parse_args([])  # what train.py would build, so that its second start hits
-    data = InstructionData(spec, tok, seq_len, pack_rows=defaults.pack, val_fraction=defaults.val_fraction,
-                           seed=defaults.seed, cache_dir=cache_dir, workers=workers, log=lambda line: None)
+    data = InstructionData(spec, tok, seq_len, pack_rows=True, val_fraction=0.01, seed=DATA_SEED, cache_dir=cache_dir,
+                           workers=workers, log=lambda line: None)
     seconds = time.perf_counter() - t0
     cache_bytes = sum(os.path.getsize(os.path.join(data.cache_path, n)) for n in os.listdir(data.cache_path))
     return dict(seconds=seconds, records=sum(s["records"] for s in data.sources), rows=len(data.train_rows),
@@ -550,6 +553,7 @@ def bench_data(args):
     cmd = [sys.executable, "train.py", "--init_from", ckpt, "--data", files[n], "--cache_dir", cache,
            "--out_dir", os.path.join(root, "run"), "--device", "cpu", "--seq_len", str(args.seq_len),
            "--batch_size", "1", "--grad_accum_steps", "1", "--max_iters", "1", "--eval_interval", "0",
+           "--seed", str(DATA_SEED), "--val_fraction", "0.01", "--pack", "true",
            "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "0"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

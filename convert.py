@@ -1,5 +1,6 @@
 """
-Convert checkpoints between the official layouts and the project's format (SPEC.md 2, 3).
+Convert checkpoints between the official layouts (Meta, Hugging Face, the released PESC models)
+and the project's format.
 
     python convert.py --src DIR --out DIR [--dtype bf16|fp16|fp32] [--rope_theta X] [--force]  # import
     python convert.py --src CKPT --out DIR --to hf [--dtype ...] [--force]                       # export
@@ -22,7 +23,6 @@ official key names and config keys. LoRA, if the checkpoint has it, is merged fi
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -31,7 +31,7 @@ import tempfile
 import torch
 
 import moe
-from model import ModelConfig, Transformer, write_checkpoint
+from model import FLAG, LLAMA3_ROPE, ModelConfig, Transformer, write_checkpoint
 import tokenizer
 from tokenizer import Tokenizer, tokenizer_files
 from moe import PESCConfig
@@ -154,6 +154,14 @@ class ConvertError(Exception):
 def read_json(path):
     try:
         return tokenizer.read_json(path)  # its ValueError names the file; here it is bad input
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def tokenizer_config(out_dir, src, chat_template):
+    """tokenizer.write_tokenizer_config, its bad input (src's file) a ConvertError."""
+    try:
+        return tokenizer.write_tokenizer_config(out_dir, src, chat_template)
     except ValueError as e:
         raise ConvertError(str(e)) from None
 
@@ -298,8 +306,7 @@ def meta_config(params: dict, params_file, emb_rows: int, w1_rows: int, w1_key, 
         vocab_size=emb_rows, dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
         n_kv_heads=params.get("n_kv_heads") or n_heads, ffn_dim=ffn,
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=theta, max_seq_len=max_seq_len, tie_embeddings=tied,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192} if scaled else None,
+        rope_scaling=dict(LLAMA3_ROPE) if scaled else None,
     )
 
 
@@ -408,7 +415,7 @@ def hf_weight_files(src):
                        f"pytorch_model.bin[.index.json])")
 
 
-def hf_model_config(hf: dict, cfg_file, keys, rope_theta=None):
+def hf_model_config(hf: dict, cfg_file, keys):
     """(ModelConfig, family) for an HF dense or official PESC config.json and its tensor names."""
     model_type = str(hf.get("model_type", "")).lower()
     if model_type not in _HF_MODEL_TYPES:
@@ -442,20 +449,25 @@ def hf_model_config(hf: dict, cfg_file, keys, rope_theta=None):
         except ValueError as e:
             raise ConvertError(f"{cfg_file}: {e}") from None
         config.moe = pesc
+    return config, family
+
+
+def set_rope_base(config: ModelConfig, family: str, rope_theta, cfg_file):
+    """The RoPE base a converted checkpoint computes with, in place: --rope_theta when given;
+    for Camelidae 10000, since the official modeling code never reads rope_theta; else the
+    source config's. Each choice is announced."""
     if rope_theta is not None:
         print(f"rope_theta {rope_theta:g} (--rope_theta; {cfg_file} says {config.rope_theta:g})")
         config.rope_theta = float(rope_theta)
     elif family == "camelidae" and config.rope_theta != 10000.0:
-        # The official Camelidae modeling code never reads rope_theta: it computes with 10000.
         print(f"Camelidae: the official code ignores rope_theta ({config.rope_theta:g} in {cfg_file}) and "
               f"uses 10000; converting with 10000 (pass --rope_theta to override)")
         config.rope_theta = 10000.0
     elif family == "camelidae":
         print("Camelidae: RoPE base 10000, as the official code uses (pass --rope_theta to override)")
-    return config, family
 
 
-def read_hf(src, rope_theta=None):
+def read_hf(src):
     """(config, tensor stream, family, config file) of an HF dense or PESC checkpoint."""
     cfg_file = os.path.join(src, "config.json")
     hf = read_json(cfg_file)
@@ -463,7 +475,7 @@ def read_hf(src, rope_theta=None):
         raise ConvertError(f"{cfg_file}: expected a JSON object")
     files, index, weight_map = hf_weight_files(src)
     keys = list(weight_map) if weight_map else weight_keys(files[0])
-    config, family = hf_model_config(hf, cfg_file, keys, rope_theta)
+    config, family = hf_model_config(hf, cfg_file, keys)
     sparsetral = family == "sparsetral"
     E = config.moe.num_experts if config.moe else 0
 
@@ -579,15 +591,12 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
     if layout == "project":
         raise ConvertError(f"{src} is already a project checkpoint (export it with --to hf)")
     if layout == "meta":
-        if rope_theta is not None:
-            print(f"rope_theta {rope_theta:g} (--rope_theta)")
         config, tensors, family, cfg_file = read_meta(src)
-        if rope_theta is not None:
-            config.rope_theta = float(rope_theta)
         hf = {}
     else:
-        config, tensors, family, cfg_file = read_hf(src, rope_theta)
+        config, tensors, family, cfg_file = read_hf(src)
         hf = read_json(cfg_file)
+    set_rope_base(config, family, rope_theta, cfg_file)
     dtype = DTYPES.get(dtype, dtype)
     if dtype is None:  # an HF config names its dtype; transformers 5 calls it "dtype"
         name = hf.get("torch_dtype") or hf.get("dtype")
@@ -601,16 +610,9 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
 
     kind = tokenizer_kind(src, config.vocab_size)
     template = chat_template(family, kind, config.vocab_size)
-    tok_config = {}
-    src_tok_config = os.path.join(src, "tokenizer_config.json")
-    if os.path.isfile(src_tok_config):  # keep its added tokens (sparsetral's <|im_start|> ...)
-        tok_config = read_json(src_tok_config)
-        tok_config = tok_config if isinstance(tok_config, dict) else {}
-    tok_config["chat_template"] = template  # a template name, which the project's tokenizer reads
     with tempfile.TemporaryDirectory() as tmp:
-        tok_config_file = os.path.join(tmp, "tokenizer_config.json")
-        with open(tok_config_file, "w") as f:
-            json.dump(tok_config, f, indent=2)
+        # src's added tokens stay (sparsetral's <|im_start|> ...); chat_template becomes a name
+        tok_config_file = tokenizer_config(tmp, src, template)
         extra = tokenizer_files(src) + [(tok_config_file, "tokenizer_config.json")]
         write_checkpoint(out, config.to_dict(), state, max_shard_bytes, extra_files=extra, overwrite=force)
     print(f"wrote {out} (chat template {template})")
@@ -700,16 +702,11 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
     config = hf_config(model.config, dtype)
     print(f"exporting {src} as {config['model_type']} ({config['architectures'][0]})", flush=True)
 
-    tok_config = os.path.join(src, "tokenizer_config.json")
     extra = tokenizer_files(src)
     with tempfile.TemporaryDirectory() as tmp:
-        if os.path.isfile(tok_config):  # the project's chat_template is a name, HF wants Jinja: drop it
-            d = read_json(tok_config)
-            d.pop("chat_template", None)
-            if d:
-                with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                    json.dump(d, f, indent=2)
-                extra.append((os.path.join(tmp, "tokenizer_config.json"), "tokenizer_config.json"))
+        tok_config_file = tokenizer_config(tmp, src, None)  # the project's template name is no Jinja: dropped
+        if tok_config_file is not None:
+            extra.append((tok_config_file, "tokenizer_config.json"))
         write_checkpoint(out, config, hf_tensors(model, dtype), max_shard_bytes,
                          extra_files=extra, overwrite=force)
     print(f"wrote {out}")
@@ -732,7 +729,7 @@ def main(argv=None):
                    help="output dtype (default: the source's)")
     p.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base to use instead of the config's (import only; Camelidae defaults to 10000)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", default=False, **FLAG, help="replace an existing --out")
     args = p.parse_args(argv)
     try:
         if args.to == "hf":

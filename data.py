@@ -2,7 +2,7 @@
 The instruction-data pipeline: read data files, tokenize them with a chat template, pack, cache,
 batch.
 
-Formats (SPEC.md section 4), told apart by the keys of a file's first record:
+Formats, told apart by the keys of a file's first record:
 - PESC/Camelidae JSON: {"corpus", "dataset", "instruction", "conversation": [{"input", "output"}]}.
   A non-empty corpus is plain text trained on whole; otherwise the instruction is the system
   prompt and the conversation the user/assistant turns.
@@ -671,13 +671,13 @@ def collate(examples, pad_id):
 
 
 def attention_inputs(doc_ids):
-    """The model's `positions`, `mask` and `valid` for rows of packed examples.
+    """The model's `positions`, `doc_ids` and `valid` for rows of packed examples.
 
     doc_ids: (B, T), the example each token belongs to, -1 for padding. positions restart at
-    0 with every example; mask (B, T, T) lets a token see only earlier tokens of its own
-    example. When every row holds a single example (padded on the right), plain causal
-    attention already does that, so only `valid` is returned and the model keeps its fast
-    causal path."""
+    0 with every example; from both the model builds the mask that lets a token see only
+    earlier tokens of its own example (model.attention_mask). When every row holds a single
+    example (padded on the right), plain causal attention already does that, so only `valid`
+    is returned and the model keeps its fast causal path."""
     B, T = doc_ids.shape
     valid = doc_ids >= 0
     starts = torch.ones_like(valid)
@@ -686,9 +686,7 @@ def attention_inputs(doc_ids):
         return {"valid": valid}
     t = torch.arange(T, device=doc_ids.device)
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) offset in its example
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    causal = t[:, None] >= t[None, :]  # (T, T)
-    return {"positions": positions, "mask": same_doc & causal, "valid": valid}
+    return {"positions": positions, "doc_ids": doc_ids, "valid": valid}
 
 
 class InstructionData:
@@ -723,7 +721,6 @@ class InstructionData:
             self.cache_path = os.path.join(cache_dir, key)
         self.sources = header["sources"]
         self.format = ",".join(dict.fromkeys(s["format"] for s in self.sources))
-        self.num_skipped = sum(s["skipped"] for s in self.sources)
         self.seq_len, self.seed = seq_len, seed
         self.pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
         self.train = Examples(a["ids"], a["mask"], a["example_offsets"], a["train_examples"])

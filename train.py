@@ -38,26 +38,17 @@ from torch.utils.checkpoint import checkpoint
 
 import moe
 from data import IGNORE_INDEX, InstructionData, data_hash
-from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
-from tokenizer import Tokenizer, tokenizer_files
+from model import FLAG, Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
+from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
 
 # -----------------------------------------------------------------------------
 # Options
 
 
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def build_parser():
-    # Defaults follow the official PESC recipe (SPEC.md section 1) where it has one.
+    # Defaults follow the official PESC recipe (the paper's training script) where it has one.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
     p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
     p.add_argument("--data", default="", help="a data file (.json, .jsonl, .jsonl.gz, .parquet; chat, ShareGPT, "
                    "Alpaca, prompt/response or PESC records) or a mixture a.parquet:0.5,b.jsonl:0.5 (weights: "
@@ -81,14 +72,13 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--template", default="", help="chat template; default: the checkpoint tokenizer's")
     g.add_argument("--seq_len", type=int, default=512)
-    g.add_argument("--pack", default=True, **flag, help="pack several examples per row")
-    g.add_argument("--no_pack", dest="pack", action="store_false", help="same as --pack false")
+    g.add_argument("--pack", default=True, **FLAG, help="pack several examples per row (--pack false: one per row)")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
     g.add_argument("--fields", default="", type=field_names, help="PROMPT_KEY,RESPONSE_KEY of prompt/response records "
                    "whose keys are ambiguous or uncommon")
     g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                                        "pesc", "data"), help="where the token cache lives")
-    g.add_argument("--rebuild_cache", default=False, **flag, help="tokenize again even if the cache has the data")
+    g.add_argument("--rebuild_cache", default=False, **FLAG, help="tokenize again even if the cache has the data")
     g.add_argument("--data_workers", type=int, default=0, help="processes tokenizing a new dataset; 0: one per core")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
@@ -111,9 +101,9 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
-    g.add_argument("--compile", default=False, **flag)
-    g.add_argument("--grad_checkpointing", default=False, **flag)
-    g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
+    g.add_argument("--compile", default=False, **FLAG)
+    g.add_argument("--grad_checkpointing", default=False, **FLAG)
+    g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
     return p
 
 
@@ -142,9 +132,6 @@ def parse_args(argv):
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
                      "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers"}
-
-# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -179,11 +166,6 @@ def get_lr(it, total, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
 
 
-def aux_term(model):
-    """The auxiliary part of the model's loss (0 for a dense model), to report the LM loss."""
-    return 0.0 if model.config.moe is None else model.router_stats["weighted"]
-
-
 def setup_model(args, device, ptdtype, log):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
     model = Transformer.from_pretrained(args.init_from, device=device)
@@ -211,15 +193,10 @@ def setup_model(args, device, ptdtype, log):
             lora = {f: getattr(old, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
         cfg = replace(old, adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef,
                       z_loss_coef=args.z_loss_coef, **lora)
-        for m in moe.pesc_layers(model):
-            m.config = cfg
-        model.config = replace(model.config, moe=cfg)
-        model.requires_grad_(False)
+        model.config = replace(model.config, moe=cfg)  # the PESC settings' one home
         if cfg.lora_rank > 0 and not has_lora:
             moe.add_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        for m in moe.pesc_layers(model):
-            for p in (m.router.weight, m.adapter_down, m.adapter_up):
-                p.requires_grad_(True)
+        moe.set_trainable(model, "pesc")
         log(f"continuing the PESC checkpoint: {old.num_experts} experts, top-{old.top_k}, "
             f"adapter_dim {old.adapter_dim} (its architecture wins over the PESC options)")
     elif args.mode == "lora":
@@ -227,14 +204,10 @@ def setup_model(args, device, ptdtype, log):
             raise ValueError(f"--mode lora is the dense baseline, but {args.init_from} is a PESC checkpoint")
         if args.lora_rank <= 0:
             raise ValueError("--mode lora needs --lora_rank > 0")
-        model.requires_grad_(False)
         moe.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # full
-        model.requires_grad_(True)
-    for m in model.modules():  # new LoRA modules were made in the base dtype
-        if isinstance(m, moe.LoRALinear):
-            m.lora_a.requires_grad_(True)
-            m.lora_b.requires_grad_(True)
+        moe.set_trainable(model, "lora")
+    else:
+        moe.set_trainable(model, "full")
     # Trainable tensors live in fp32 (the optimizer's master copy); autocast computes in ptdtype.
     for p in model.parameters():
         if p.requires_grad:
@@ -323,15 +296,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
         extra = tokenizer_files(init_from)
-        tok_cfg_path = os.path.join(init_from, "tokenizer_config.json")
-        tok_cfg = {}
-        if os.path.isfile(tok_cfg_path):
-            with open(tok_cfg_path) as f:
-                tok_cfg = json.load(f)
-        if template_given or "chat_template" not in tok_cfg:
-            tok_cfg["chat_template"] = template
-        with open(os.path.join(stage, "tokenizer_config.json"), "w") as f:
-            json.dump(tok_cfg, f, indent=2)
+        write_tokenizer_config(stage, init_from, template, keep_src_template=not template_given)
         with open(os.path.join(stage, "training_args.json"), "w") as f:
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
@@ -665,14 +630,14 @@ def train_step(run, lr, stop_requested=False):
             # accumulate locally (what no_sync() does, without a context manager).
             run.model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
         with run.autocast:
-            _, loss = run.model(idx, targets, **kw)
-        (loss / args.grad_accum_steps).backward()
+            out = run.model(idx, targets, **kw)
+        (out.loss / args.grad_accum_steps).backward()
         with torch.no_grad():
-            stats["lm_loss"] += (loss - aux_term(raw)).float()
+            stats["lm_loss"] += out.lm_loss.float()
             if is_pesc:
-                stats["aux_loss"] += raw.router_stats["aux_loss"].float()
-                stats["z_loss"] += raw.router_stats["z_loss"].float()
-                stats["load"] += raw.router_stats["load"].float()
+                stats["aux_loss"] += out.aux_loss.float()
+                stats["z_loss"] += out.z_loss.float()
+                stats["load"] += out.expert_load.float()
             stats["tokens"] += idx.numel()  # positions computed, padding included
     stats["stop"] += float(stop_requested)
     stats = reduce_stats(stats, run.dist.ddp)
@@ -711,11 +676,10 @@ def log_step(run, lr, step, clock):
                       expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
         line += f", aux {record['aux_loss']:.4f}"
     line += f", lr {lr:.2e}, grad norm {step['grad_norm']:.4f}, {tok_s:,.0f} tok/s"
-    if run.dist.device_type == "cuda":
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.dist.device)), None)
-        if peak is not None:
-            record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
-            line += f", mfu {100 * record['mfu']:.1f}%"
+    peak = peak_flops(run.dist.device)
+    if peak is not None:
+        record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
+        line += f", mfu {100 * record['mfu']:.1f}%"
     if load.numel():
         line += f", load max/mean {imbalance:.2f}"
     run.log(line)
@@ -734,9 +698,9 @@ def evaluate(run):
         for batch in run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source):
             idx, targets, kw = to_device(batch, run.dist.device)
             with run.autocast:
-                _, loss = raw(idx, targets, **kw)
+                lm_loss = raw(idx, targets, **kw).lm_loss
             n = (targets != IGNORE_INDEX).sum()
-            sums[source] += torch.stack([(loss - aux_term(raw)).float() * n, n.float()])
+            sums[source] += torch.stack([lm_loss.float() * n, n.float()])
     if run.dist.ddp:
         dist.all_reduce(sums)
     raw.train()
@@ -831,9 +795,9 @@ def demo_eval(ckpt, questions):
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         ids, target_mask = tok.encode_chat(messages)
         targets = torch.tensor([i if m else IGNORE_INDEX for i, m in zip(ids[1:], target_mask[1:])])
-        _, loss = model(torch.tensor([ids[:-1]]), targets[None])
+        lm_loss = model(torch.tensor([ids[:-1]]), targets[None]).lm_loss
         n = int((targets != IGNORE_INDEX).sum())
-        total, count = total + (loss.item() - float(aux_term(model))) * n, count + n
+        total, count = total + lm_loss.item() * n, count + n
     prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for _, q, _ in questions]
     rows = generate(model, prompts, 8, temperature=0, stop_ids=tok.stop_ids)
@@ -869,8 +833,7 @@ def demo():
     config = ModelConfig.from_preset("tiny")  # dim 64, 2 layers, vocab 512: 158K parameters
     Transformer(config).save_pretrained(init_dir)
     write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
-    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "llama3"}, f)
+    write_tokenizer_config(init_dir, chat_template="llama3")
 
     # 2. Pretrain it on plain text: the dense base that PESC starts from.
     print("\n== 1/3: pretraining the dense base on generated text (--mode full) ==")

@@ -3,7 +3,7 @@
 Each test writes a tiny random checkpoint in an official layout, converts it (with the real CLI
 at least once per layout family) and compares the project model's logits with the reference:
 transformers' own model for dense checkpoints (Meta ones are written from an HF model in
-Meta's order and sharding), and for PESC checkpoints SPEC.md section 1's math written out
+Meta's order and sharding), and for PESC checkpoints the PESC paper's layer math written out
 below on the original per-expert tensors. Tolerance: max |diff| <= 1e-4 in fp32. The two
 implementations sum in different orders and differ by ~3e-7 here; the mistakes a converter
 makes (a q/k permutation with the wrong head count, a lost sliding window, experts out of
@@ -257,7 +257,8 @@ def test_hf_dense_import_export(case, tmp_path):
 
 
 def hf_to_meta_rows(w, n_heads):
-    """HF's q/k row order -> Meta's, per head (SPEC.md 3; the converter does the inverse)."""
+    """HF's q/k row order -> Meta's, per head (the rotate-halves vs interleaved RoPE layouts; the converter
+    does the inverse)."""
     hd = w.shape[0] // n_heads
     return w.view(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
 
@@ -391,7 +392,7 @@ def test_meta_import(case, tmp_path):
 
 
 class PESCReference(torch.nn.Module):
-    """SPEC.md section 1 on the official per-expert tensors, replacing one HF layer's MLP.
+    """The PESC layer as the paper defines it, on the official per-expert tensors, replacing one HF layer's MLP.
 
     out = y + sum over the top-k experts of w_e * s * U_e(GELU(D_e(y))), y the dense FFN output,
     w = softmax over the k largest router logits of the FFN input x (eval: no dropout)."""
@@ -522,7 +523,7 @@ def test_camelidae_rope_theta_override(tmp_path):
 
 
 def test_export_merges_lora(tmp_path):
-    """A PESC checkpoint with LoRA exports merged; SPEC's math on the exported files gives its logits."""
+    """A PESC checkpoint with LoRA exports merged; the PESC reference on the exported files gives its logits."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     upcycle(model, PESCConfig(num_experts=E, top_k=TOP_K, adapter_dim=R, lora_rank=4))

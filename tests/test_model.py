@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers  # test-only reference (requirements-dev.txt)
 
 from convert import hf_config_to_model_config, hf_key_to_project
-from model import ModelConfig, Transformer, cross_entropy
+from model import ModelConfig, Transformer, attention_mask, cross_entropy
 
 TINY_HF = dict(vocab_size=97, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -88,14 +88,28 @@ def test_sliding_window_matters():
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
-def test_sliding_window_applies_to_a_given_mask():
-    # packed rows pass their own block-diagonal mask; the window must still hold inside it
+def test_sliding_window_applies_to_packed_rows():
+    # packed rows pass doc ids, which take the masked path; the window must still hold inside it
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", sliding_window=5)).eval()
     idx = torch.randint(0, 512, (1, 16))
-    causal = torch.ones(16, 16, dtype=torch.bool).tril()[None]
+    one_doc = torch.zeros(1, 16, dtype=torch.long)
     with torch.no_grad():
-        assert (model(idx)[0] - model(idx, mask=causal)[0]).abs().max().item() <= 1e-6
+        assert (model(idx)[0] - model(idx, doc_ids=one_doc)[0]).abs().max().item() <= 1e-6
+
+
+def test_attention_mask_rule():
+    """Causal by position, inside a document, within the window; empty cache slots never visible."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    m = attention_mask(pos, pos, doc, doc, sliding_window=2)[0]
+    expected = torch.zeros(7, 7, dtype=torch.bool)
+    for q, k in [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2), (3, 3), (4, 3), (4, 4), (5, 4), (5, 5), (6, 5), (6, 6)]:
+        expected[q, k] = True
+    assert torch.equal(m, expected)
+    assert torch.equal(attention_mask(pos[:, :3], pos[:, :3])[0], torch.ones(3, 3, dtype=torch.bool).tril())
+    empty = torch.full((1, 2), torch.iinfo(torch.long).max)  # as setup_cache leaves unwritten slots
+    assert not attention_mask(pos[:, :3], empty).any()
 
 
 @pytest.mark.parametrize("preset,window", [("tiny", None), ("tiny-qwen", None), ("tiny", 6)])

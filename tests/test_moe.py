@@ -212,15 +212,28 @@ def test_model_loss_adds_weighted_aux_terms():
     dense, cfg = tiny_pesc(aux_loss_coef=0.5, z_loss_coef=0.1)
     model = upcycle(dense, cfg)
     idx = torch.randint(0, 512, (2, 12))
-    logits, loss = model(idx, idx)
-    stats = model.router_stats
-    layers = moe.pesc_layers(model)
-    aux = torch.stack([m.stats[0] for m in layers]).mean()
-    z = torch.stack([m.stats[1] for m in layers]).mean()
+    out = model(idx, idx)
+    logits, loss = out  # the tuple is (logits, objective)
+    # each layer's router terms, recomputed from its router logits and routing
+    per_layer, hooks = [], []
+    for m in moe.pesc_layers(model):
+        hooks.append(m.router.register_forward_hook(
+            lambda mod, inp, lg: per_layer.append(router_losses(lg, route(lg, cfg.top_k)[1]))))
+    with torch.no_grad():
+        model(idx, idx)
+    for h in hooks:
+        h.remove()
+    aux = torch.stack([t.aux_loss for t in per_layer]).mean()
+    z = torch.stack([t.z_loss for t in per_layer]).mean()
     lm = F.cross_entropy(logits.view(-1, 512), idx.view(-1))
+    assert torch.allclose(out.lm_loss, lm, atol=1e-6)
     assert torch.allclose(loss, lm + 0.5 * aux + 0.1 * z, atol=1e-6)
-    assert torch.allclose(stats["aux_loss"], aux) and stats["load"].shape == (2, 4)
-    assert stats["load"].sum(1).tolist() == [2 * 12 * 2] * 2  # per layer: tokens x k assignments
+    assert torch.allclose(out.aux_loss, aux) and torch.allclose(out.z_loss, z)
+    assert out.expert_load.shape == (2, 4)
+    assert out.expert_load.sum(1).tolist() == [2 * 12 * 2] * 2  # per layer: tokens x k assignments
+    assert model(idx)[1] is None and model(idx).expert_load.shape == (2, 4)  # no targets: no loss
+    dense_out = Transformer(ModelConfig.from_preset("tiny"))(idx, idx)
+    assert dense_out.aux_loss is None and torch.equal(dense_out.loss, dense_out.lm_loss)
     loss.backward()
     assert model.layers[0].feed_forward.router.weight.grad.abs().max() > 0
 
@@ -255,6 +268,29 @@ def test_trainable_set():
     lora = {f"layers.{i}.{m}.{w}" for i in range(2)
             for m in ("attention.wq", "attention.wv", "feed_forward.w2") for w in ("lora_a", "lora_b")}
     assert trainable == expected | lora
+
+
+def test_set_trainable_per_mode():
+    dense, cfg = tiny_pesc(lora_rank=4, lora_targets=("q",))
+    model = upcycle(dense, cfg)
+    names = {n for n, _ in model.named_parameters()}
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    pesc = trainable()
+    assert pesc == {n for n in names if n.endswith(("router.weight", "adapter_down", "adapter_up", "lora_a", "lora_b"))}
+    assert trainable() == pesc and moe.set_trainable(model, "full") is model and trainable() == names
+    moe.set_trainable(model, "pesc")
+    assert trainable() == pesc
+
+    dense, _ = tiny_pesc()
+    with pytest.raises(ValueError, match="PESC model"):
+        moe.set_trainable(dense, "pesc")
+    with pytest.raises(ValueError, match="add_lora"):
+        moe.set_trainable(dense, "lora")
+    with pytest.raises(ValueError, match="unknown training mode"):
+        moe.set_trainable(dense, "adapters")
+    moe.set_trainable(moe.add_lora(dense, ("v",), 4, 16.0, 0.0), "lora")
+    assert {n for n, p in dense.named_parameters() if p.requires_grad} == \
+        {f"layers.{i}.attention.wv.lora_{w}" for i in range(2) for w in "ab"}
 
 
 def test_upcycle_init():
