@@ -11,6 +11,7 @@ machine, the date and the command.
     python bench.py --only quant7b       # NF4: resident memory of a Llama-2-7B-shaped quantized base
     python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
     OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
+    python bench.py --only data          # tokenizing 200K ShareGPT conversations into the token cache
 """
 
 import argparse
@@ -688,10 +689,147 @@ def bench_compare(args):
 
 
 # -----------------------------------------------------------------------------
+# The data pipeline at real size: tokenizing into the token cache, a second start
+
+WORDS = ("the of and to in is that for it as with was on be by this are or at from have an which not "
+         "but what all were when we there can your more one has their if will each about how up out them "
+         "then she many some so these would other into her like him time two see way could people first "
+         "water than been call who its now find long down day did get come made may part number sound "
+         "answer question explain step because therefore result function value list return print code "
+         "python error total sum equation solve given area triangle circle river city history science").split()
+
+
+def write_sharegpt(path, n, seed=0):
+    """A ShareGPT JSONL file of n generated conversations shaped like SlimOrca's: a system prompt in
+    half of them, 1-3 turns, short questions and longer answers of common English words."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            turns = [{"from": "system", "value": " ".join(rng.choices(WORDS, k=rng.randint(8, 30)))}] \
+                if rng.random() < 0.5 else []
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                turns.append({"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(10, 80))) + "?"})
+                turns.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(20, 250))) + "."})
+            f.write(json.dumps({"conversations": turns}) + "\n")
+
+
+DATA_SEED = 0  # passed to train.py too, so that its second start finds this cache
+
+
+def build_data_once(spec, tokenizer_dir, cache_dir, seq_len, workers):
+    """One first start of the data pipeline in its own process: seconds and peak memory."""
+    import resource
+
+    from data import InstructionData
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    data = InstructionData(spec, tok, seq_len, pack_rows=True, val_fraction=0.01, seed=DATA_SEED, cache_dir=cache_dir,
+                           workers=workers, log=lambda line: None)
+    seconds = time.perf_counter() - t0
+    cache_bytes = sum(os.path.getsize(os.path.join(data.cache_path, n)) for n in os.listdir(data.cache_path))
+    return dict(seconds=seconds, records=sum(s["records"] for s in data.sources), rows=len(data.train_rows),
+                tokens=sum(s["tokens"] for s in data.sources), cache_mib=cache_bytes / 2**20,
+                peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, idle_mib=idle_kib / 1024,
+                worker_peak_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def put_result(queue, fn, *args):
+    queue.put(fn(*args))
+
+
+def bench_data(args):
+    """First start (tokenizing into the token cache) with 1 and 2 workers on a generated
+    ShareGPT file, the cache's size, peak memory (the building process and its largest worker;
+    also on a quarter of the file, to show it does not grow with the dataset), and a second
+    start of train.py with the cache: seconds from launch to the first step's log line."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    from tokenizer import write_byte_tokenizer
+
+    root = os.path.join("out", "bench-data")
+    os.makedirs(root, exist_ok=True)
+    # Meta's Llama 3 tokenizer (the llama-models package ships it); else the byte-level one
+    spec = find_spec("llama_models")
+    tok_dir = os.path.join(root, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    meta = os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model") if spec else None
+    if meta and os.path.isfile(meta):
+        shutil.copy(meta, os.path.join(tok_dir, "tokenizer.model"))
+        vocab, tok_name = 128256, "Llama 3 (tiktoken, 128K)"
+    else:
+        write_byte_tokenizer(os.path.join(tok_dir, "tokenizer.model"))
+        vocab, tok_name = 512, "byte-level (512)"
+    n = args.conversations
+    files = {}
+    for count in (n // 4, n):
+        files[count] = os.path.join(root, f"sharegpt-{count}.jsonl")
+        if not os.path.isfile(files[count]):
+            write_sharegpt(files[count], count)
+    print(f"[data] {n:,} ShareGPT conversations, {os.path.getsize(files[n]) / 2**20:.0f} MiB of JSONL, "
+          f"tokenizer {tok_name}, seq_len {args.seq_len}, packed")
+    ctx = multiprocessing.get_context("spawn")  # each build in a fresh process: its own peak memory
+    cache = os.path.join(root, "cache")
+    for count, workers in ((n // 4, 2), (n, 1), (n, 2)):  # the last leaves the full file's cache
+        shutil.rmtree(cache, ignore_errors=True)
+        results = ctx.SimpleQueue()  # not a Pool: its daemonic processes may not start the workers
+        proc = ctx.Process(target=put_result, args=(results, build_data_once, files[count], tok_dir, cache,
+                                                    args.seq_len, workers))
+        proc.start()
+        r = results.get()
+        proc.join()
+        print(f"[data] first start, {count:,} conversations, {workers} worker(s): {r['seconds']:.1f} s, "
+              f"{r['records'] / r['seconds']:,.0f} conversations/s, {r['tokens'] / r['seconds'] / 1e6:.2f}M tokens/s; "
+              f"{r['rows']:,} rows, {r['tokens'] / 1e6:.1f}M tokens, cache {r['cache_mib']:.0f} MiB; peak RSS "
+              f"{r['peak_mib']:.0f} MiB (idle {r['idle_mib']:.0f}), largest worker {r['worker_peak_mib']:.0f} MiB")
+
+    # The second start: the data alone (a fresh process mapping the cache), then train.py on a tiny model
+    results = ctx.SimpleQueue()
+    proc = ctx.Process(target=put_result, args=(results, build_data_once, files[n], tok_dir, cache, args.seq_len, 2))
+    proc.start()
+    r = results.get()
+    proc.join()
+    print(f"[data] second start, data only: {r['seconds']:.2f} s to InstructionData from the cache "
+          f"({r['rows']:,} rows mapped), peak RSS {r['peak_mib']:.0f} MiB (idle {r['idle_mib']:.0f})")
+    # train.py on a tiny model with this tokenizer, the cache already built
+    ckpt = os.path.join(root, "tiny")
+    Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=args.seq_len)).save_pretrained(ckpt)
+    shutil.copy(os.path.join(tok_dir, "tokenizer.model"), os.path.join(ckpt, "tokenizer.model"))
+    cmd = [sys.executable, "train.py", "--init_from", ckpt, "--data", files[n], "--cache_dir", cache,
+           "--out_dir", os.path.join(root, "run"), "--device", "cpu", "--seq_len", str(args.seq_len),
+           "--batch_size", "1", "--grad_accum_steps", "1", "--max_iters", "1", "--eval_interval", "0",
+           "--seed", str(DATA_SEED), "--val_fraction", "0.01", "--pack", "true",
+           "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    marks = {}
+    for line in proc.stdout:
+        for name, start in (("cache mapped", "token cache: reading"), ("loop", "training "), ("first step", "iter 1:")):
+            if line.startswith(start) and name not in marks:
+                marks[name] = time.perf_counter() - t0
+        if len(marks) == 3:  # what comes after (the held-out eval, the export) is not the start
+            proc.kill()
+            break
+    proc.wait()
+    assert len(marks) == 3, (proc.returncode, marks)
+    print(f"[data] second start (train.py, cache built): {marks['cache mapped']:.1f} s to the cache mapped, "
+          f"{marks['loop']:.1f} s to the training loop (model loaded, first batch next), "
+          f"{marks['first step']:.1f} s to the first step's log line")
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
             "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
-            "compare": bench_compare}
+            "compare": bench_compare, "data": bench_data}
 
 
 def main():
@@ -700,6 +838,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=8, help="decoder layers in the 'model' section")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--conversations", type=int, default=200_000, help="size of the generated set in 'data'")
+    p.add_argument("--seq_len", type=int, default=2048, help="rows of the 'data' section")
     args = p.parse_args()
     for name in args.only.split(","):
         if name not in SECTIONS:

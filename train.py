@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import moe
-from data import IGNORE_INDEX, InstructionData
+from data import IGNORE_INDEX, InstructionData, data_hash
 from model import FLAG, Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
 
@@ -51,7 +51,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
-    p.add_argument("--data", default="", help="PESC/Camelidae JSON, Alpaca JSON or chat JSONL")
+    p.add_argument("--data", default="", help="a data file (.json, .jsonl, .jsonl.gz, .parquet; chat, ShareGPT, "
+                   "Alpaca, prompt/response or PESC records) or a mixture a.parquet:0.5,b.jsonl:0.5 (weights: "
+                   "shares of the training rows; bare paths a,b: every row of each)")
     p.add_argument("--out_dir", default="out/pesc")
     p.add_argument("--mode", default="pesc", choices=["pesc", "lora", "full"],
                    help="pesc: routers + adapters (+ LoRA); lora, full: the dense baselines")
@@ -73,6 +75,12 @@ def build_parser():
     g.add_argument("--seq_len", type=int, default=512)
     g.add_argument("--pack", default=True, **FLAG, help="pack several examples per row (--pack false: one per row)")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
+    g.add_argument("--fields", default="", type=field_names, help="PROMPT_KEY,RESPONSE_KEY of prompt/response records "
+                   "whose keys are ambiguous or uncommon")
+    g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                       "pesc", "data"), help="where the token cache lives")
+    g.add_argument("--rebuild_cache", default=False, **FLAG, help="tokenize again even if the cache has the data")
+    g.add_argument("--data_workers", type=int, default=0, help="processes tokenizing a new dataset; 0: one per core")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
     g.add_argument("--grad_accum_steps", type=int, default=16, help="micro-batches per step, per rank")
@@ -102,6 +110,13 @@ def build_parser():
     return p
 
 
+def field_names(s):
+    names = tuple(n.strip() for n in s.split(",")) if s else ()
+    if s and (len(names) != 2 or not all(names)):
+        raise argparse.ArgumentTypeError(f"expected PROMPT_KEY,RESPONSE_KEY, got {s!r}")
+    return ",".join(names)
+
+
 _UNSET = object()
 
 
@@ -119,7 +134,7 @@ def parse_args(argv):
 # (checked in restore): dropout masks are keyed to the data position, not to the rank.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
-                     "grad_accum_steps"}
+                     "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers"}
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -141,14 +156,6 @@ def fingerprint(ckpt_dir):
             for i in range(16):
                 f.seek((size - 65536) * i // 15 if size > 65536 else 0)
                 h.update(f.read(65536))
-    return h.hexdigest()
-
-
-def file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -472,10 +479,15 @@ def setup(args, given, where):
                 shutil.rmtree(os.path.join(args.out_dir, name), ignore_errors=True)
 
     # The base fingerprint and the data's hash tie a resumed run to what it started from.
-    base_fp, data_fp = fingerprint(args.init_from), file_hash(args.data)
+    base_fp, data_fp = fingerprint(args.init_from), data_hash(args.data)
     tokenizer = Tokenizer(args.init_from, template=args.template or None)
-    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack,
-                           args.val_fraction, args.seed, log)
+    # One process per machine tokenizes into the cache; the others wait for it and map it.
+    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack, args.val_fraction,
+                           args.seed, log, fields=args.fields.split(",") if args.fields else None,
+                           cache_dir=args.cache_dir, rebuild_cache=args.rebuild_cache,
+                           workers=args.data_workers or len(os.sched_getaffinity(0)),
+                           builder=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                           build_id=os.environ.get("TORCHELASTIC_RUN_ID"))
     log(data.summary() + f"; template {tokenizer.template}")
 
     # Same seed on every rank while building, so that new adapters start identical everywhere.
@@ -693,22 +705,26 @@ def log_step(run, lr, step, clock):
 
 @torch.no_grad()
 def evaluate(run):
-    """Token-weighted LM loss over the held-out rows, each rank taking its share; logged."""
-    raw = run.raw_model
+    """Token-weighted LM loss over the held-out rows, in all and per data source, each rank taking
+    its share; logged, and written to metrics.jsonl with "val_loss_by_source"."""
+    raw, sources = run.raw_model, run.data.sources
     raw.eval()
-    sums = torch.zeros(2, device=run.dist.device)  # loss sum, target count
-    for batch in run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world):
-        idx, targets, kw = to_device(batch, run.dist.device)
-        with run.autocast:
-            lm_loss = raw(idx, targets, **kw).lm_loss
-        n = (targets != IGNORE_INDEX).sum()
-        sums += torch.stack([lm_loss.float() * n, n.float()])
+    sums = torch.zeros(len(sources), 2, device=run.dist.device)  # per source: loss sum, target count
+    for source in range(len(sources)):
+        for batch in run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source):
+            idx, targets, kw = to_device(batch, run.dist.device)
+            with run.autocast:
+                lm_loss = raw(idx, targets, **kw).lm_loss
+            n = (targets != IGNORE_INDEX).sum()
+            sums[source] += torch.stack([lm_loss.float() * n, n.float()])
     if run.dist.ddp:
         dist.all_reduce(sums)
     raw.train()
-    val_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else None
+    total, n = sums.sum(0).tolist()
+    val_loss = total / n if n > 0 else None
+    by_source = {s["path"]: (x / m if m > 0 else None) for s, (x, m) in zip(sources, sums.tolist())}
     run.log(f"iter {run.it}: val loss {val_loss:.4f}" if val_loss is not None else f"iter {run.it}: no val targets")
-    write_metrics(run, {"iter": run.it, "val_loss": val_loss})
+    write_metrics(run, {"iter": run.it, "val_loss": val_loss, "val_loss_by_source": by_source})
     return val_loss
 
 

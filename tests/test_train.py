@@ -34,7 +34,12 @@ def env(tmp_path_factory):
             messages = [{"role": "user", "content": f"add {i} and {i % 7}"},
                         {"role": "assistant", "content": str(i + i % 7)}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    return {"dir": d, "base": base, "data": data}
+    other = str(d / "other.jsonl")  # a second source, ShareGPT, for mixtures
+    with open(other, "w") as f:
+        for i in range(20):
+            turns = [{"from": "human", "value": f"double {i}"}, {"from": "gpt", "value": str(2 * i)}]
+            f.write(json.dumps({"conversations": turns}) + "\n")
+    return {"dir": d, "base": base, "data": data, "mix": f"{data}:0.7,{other}:0.3"}
 
 
 def options(env, out, *extra):
@@ -42,7 +47,7 @@ def options(env, out, *extra):
             "--num_experts", "4", "--top_k", "2", "--adapter_dim", "8", "--lora_rank", "0", "--seq_len", "64",
             "--batch_size", "2", "--grad_accum_steps", "2", "--max_iters", "3", "--lr", "1e-2",
             "--warmup_iters", "2", "--log_interval", "1", "--eval_interval", "2", "--save_interval", "0",
-            "--val_fraction", "0.1", *extra]
+            "--val_fraction", "0.1", "--cache_dir", str(env["dir"] / "cache"), *extra]
 
 
 def run(env, out, *extra):
@@ -254,6 +259,33 @@ def test_ddp_matches_one_process_with_more_accumulation(env):
     assert la.keys() == lb.keys() == {1, 2, 3}
     for i in la:
         assert_close(la[i], lb[i], dtype=torch.float32, reduction=reduction, name=f"loss at iter {i}")
+
+
+def test_ddp_mixture_reads_the_rows_of_one_process(env):
+    # A mixture and a fresh token cache: rank 1 waits for rank 0 to build it, then maps it. Before
+    # the first update both runs compute the same model on the same rows: the held-out loss of
+    # each source and the first step's loss agree to fp32 rounding.
+    extra = ("--lora_rank", "0", "--adapter_dropout", "0", "--max_iters", "1", "--eval_interval", "1",
+             "--data", env["mix"])
+    ddp_out, single_out = env["dir"] / "ddp-mix", env["dir"] / "single-mix"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *options(env, ddp_out, *extra, "--cache_dir", str(env["dir"] / "mix-cache"))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "token cache: building" in proc.stdout and len(os.listdir(env["dir"] / "mix-cache")) == 1
+    run(env, single_out, *extra, "--grad_accum_steps", "4")
+    a, b = metrics(ddp_out), metrics(single_out)
+    sources = [p.rsplit(":", 1)[0] for p in env["mix"].split(",")]
+    evals_a, evals_b = [r for r in a if "val_loss" in r], [r for r in b if "val_loss" in r]
+    assert [r["iter"] for r in evals_a] == [r["iter"] for r in evals_b] == [0, 1]
+    assert all(list(r["val_loss_by_source"]) == sources for r in evals_a + evals_b)  # every eval, every source
+
+    def before_the_update(records):
+        first_eval, first_step = records[0], next(r for r in records if "loss" in r)
+        return torch.tensor([first_eval["val_loss"], *first_eval["val_loss_by_source"].values(), first_step["loss"]])
+    got, expected = before_the_update(a), before_the_update(b)
+    assert_close(got, expected, dtype=torch.float32, reduction=2 * 64 * 64)  # summed over layers' dots and tokens
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
