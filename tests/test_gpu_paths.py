@@ -89,8 +89,9 @@ def packed_doc_ids(T, lengths_per_row):
 def test_block_mask_matches_dense_mask_forward_and_backward(window, monkeypatch):
     import torch.nn.attention.flex_attention as flex
 
+    import model
     from data import attention_inputs
-    from model import ModelConfig, Transformer, document_block_mask
+    from model import ModelConfig, Transformer
 
     # FlexAttention refuses gradients on the CPU in its front door only; its unfused reference
     # (what torch falls back to) has a backward, which is what is checked here
@@ -101,17 +102,22 @@ def test_block_mask_matches_dense_mask_forward_and_backward(window, monkeypatch)
     torch.manual_seed(0)
     net = Transformer(config)
     idx = torch.randint(0, config.vocab_size, doc_ids.shape)
-    dense = attention_inputs(doc_ids)
-    assert dense["mask"].shape == (4, T, T)
+    kw = attention_inputs(doc_ids)
+    masks = []
+    block_mask = model.document_block_mask
 
-    def run(mask):
+    def run(flex_on):
+        monkeypatch.setattr(model, "use_flex_attention", lambda x: flex_on)
+        monkeypatch.setattr(model, "document_block_mask", lambda *a: masks.append(block_mask(*a)) or masks[-1])
         net.zero_grad()
-        logits, _ = net(idx, positions=dense["positions"], mask=mask, valid=dense["valid"])
+        logits = net(idx, **kw).logits
         (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         return logits, [p.grad.clone() for p in net.parameters()]
 
-    ref_logits, ref_grads = run(dense["mask"])
-    logits, grads = run(document_block_mask(doc_ids, window))
+    ref_logits, ref_grads = run(False)
+    assert not masks  # the dense mask
+    logits, grads = run(True)
+    assert len(masks) == 1 and not isinstance(masks[0], torch.Tensor)  # one BlockMask for all layers
     reduction = config.n_layers * (config.ffn_dim + T)
     assert_close(logits, ref_logits, reduction=reduction, name="logits")
     for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
