@@ -373,11 +373,13 @@ class Transformer(nn.Module):
     # -- checkpoints -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
+    def from_pretrained(cls, path, device=None, dtype=None, mmap=False):
         """Load a project checkpoint directory strictly: every tensor present, known, well shaped.
 
         The model is built on the meta device and the loaded tensors are assigned into it, so
-        loading never holds two copies of the weights."""
+        loading never holds two copies of the weights. mmap=True (CPU, no dtype) leaves the tensors
+        mapped from the files: nothing is read until touched, so a process that copies out only
+        a shard of each tensor (FSDP) never has the whole model resident."""
         from safetensors import safe_open
 
         cfg_file = os.path.join(path, "config.json")
@@ -395,6 +397,15 @@ class Transformer(nn.Module):
         device = torch.device(device or "cpu")
         state, where = {}, {}
         for fname in files:
+            if mmap:
+                for key, t in mmap_safetensors(fname).items():
+                    if key not in expected:
+                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config")
+                    if t.shape != expected[key].shape:
+                        raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"config expects {tuple(expected[key].shape)}")
+                    state[key], where[key] = t, fname
+                continue
             with safe_open(fname, framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if key not in expected:
@@ -453,6 +464,41 @@ def checkpoint_files(path) -> list:
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
     return [single]
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(fname) -> dict:
+    """The tensors of a safetensors file as views of a private memory map of it (copy on write:
+    writing to one never changes the file). Pages are read from disk when first touched."""
+    import mmap as _mmap
+
+    with open(fname, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{fname}: the safetensors header is not JSON ({e})") from None
+        buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY) if os.path.getsize(fname) > 8 + n else None
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{fname}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if numel == 0:
+            out[key] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        if end - start != numel * dtype.itemsize or buf is None or 8 + n + end > len(buf):
+            raise ValueError(f"{fname}: tensor {key!r} has data_offsets {info['data_offsets']} that do not "
+                             f"fit its shape {info['shape']} and dtype {info['dtype']} or the file")
+        out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + start).view(info["shape"])
+    return out
 
 
 def write_checkpoint(path, config: dict, state, max_shard_bytes: int = 5 * 2**30,
