@@ -472,32 +472,36 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def mmap_safetensors(fname) -> dict:
-    """The tensors of a safetensors file as views of a private memory map of it (copy on write:
-    writing to one never changes the file). Pages are read from disk when first touched."""
+    """The tensors of a safetensors file, each a view of its own private memory map of the file
+    (copy on write: writing to one never changes the file). Pages are read when first touched and
+    leave the process's memory when the tensor is freed, so a caller that copies out a part of
+    each tensor and drops it never holds more of the file than one tensor."""
     import mmap as _mmap
 
+    out = {}
     with open(fname, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ValueError(f"{fname}: the safetensors header is not JSON ({e})") from None
-        buf = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY) if os.path.getsize(fname) > 8 + n else None
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{fname}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-        numel = math.prod(info["shape"])
-        if numel == 0:
-            out[key] = torch.empty(info["shape"], dtype=dtype)
-            continue
-        if end - start != numel * dtype.itemsize or buf is None or 8 + n + end > len(buf):
-            raise ValueError(f"{fname}: tensor {key!r} has data_offsets {info['data_offsets']} that do not "
-                             f"fit its shape {info['shape']} and dtype {info['dtype']} or the file")
-        out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + start).view(info["shape"])
+        size = os.path.getsize(fname)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{fname}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            numel = math.prod(info["shape"])
+            if end - start != numel * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"{fname}: tensor {key!r} has data_offsets {info['data_offsets']} that do not "
+                                 f"fit its shape {info['shape']} and dtype {info['dtype']} or the file")
+            if numel == 0:
+                out[key] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            first = (8 + n + start) // _mmap.ALLOCATIONGRANULARITY * _mmap.ALLOCATIONGRANULARITY
+            buf = _mmap.mmap(f.fileno(), 8 + n + end - first, access=_mmap.ACCESS_COPY, offset=first)
+            out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + start - first).view(info["shape"])
     return out
 
 
