@@ -106,6 +106,11 @@ def build_parser():
     g.add_argument("--compile", default=False, **flag)
     g.add_argument("--grad_checkpointing", default=False, **flag)
     g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
+    g = p.add_argument_group("memory plan (prints, trains nothing)")
+    g.add_argument("--plan", default=False, **flag, help="print the memory per GPU of this run and exit")
+    g.add_argument("--world_size", type=int, default=1, help="--plan: GPUs of the run")
+    g.add_argument("--gpu_mem_gb", type=float, default=None, help="--plan: GiB per GPU, for the largest micro-batch")
+    g.add_argument("--json", default=False, **flag, help="--plan: one JSON object (bytes per GPU)")
     g.add_argument("--fsdp", default=False, **flag,
                    help="shard the model, gradients and optimizer over the ranks (FSDP2; under torchrun), "
                         "for bases that do not fit one GPU beside their activations; default DDP")
@@ -129,7 +134,7 @@ def parse_args(argv):
 # (checked in restore): dropout masks are keyed to the data position, not to the rank.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
-                     "grad_accum_steps", "fsdp"}
+                     "grad_accum_steps", "fsdp", "plan", "world_size", "gpu_mem_gb", "json"}
 
 # bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -190,6 +195,15 @@ def setup_model(args, device, ptdtype, log, sharded=False):
     if not sharded:
         for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
             p.data = p.data.to(ptdtype)
+    make_trainable(model, args, log)
+    if sharded:
+        return model, file_dtype
+    cast_params(model, ptdtype)
+    return model.to(device), file_dtype
+
+
+def make_trainable(model, args, log):
+    """Upcycle / add LoRA / unfreeze per --mode (PESC options, LoRA options), in place."""
     targets = tuple(t for t in args.lora_targets.split(",") if t)
     lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 lora_targets=targets)
@@ -235,10 +249,7 @@ def setup_model(args, device, ptdtype, log, sharded=False):
         if isinstance(m, moe.LoRALinear):
             m.lora_a.requires_grad_(True)
             m.lora_b.requires_grad_(True)
-    if sharded:
-        return model, file_dtype
-    cast_params(model, ptdtype)
-    return model.to(device), file_dtype
+    return model
 
 
 def cast_params(module, ptdtype):
@@ -1065,9 +1076,40 @@ def main(argv=None):
     if not argv:
         return demo()
     args, given = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     return train(args, given)
+
+
+def print_plan(args):
+    """--plan: build the run's model on the meta device (no weights read) and print its memory per GPU."""
+    import plan
+    from model import PRESETS, ModelConfig
+
+    if args.world_size < 1:
+        raise SystemExit(f"train.py --plan: --world_size must be at least 1, got {args.world_size}")
+    cfg_file = os.path.join(args.init_from, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            config = ModelConfig.from_dict(json.load(f), cfg_file)
+    elif args.init_from in PRESETS:
+        config = ModelConfig.from_preset(args.init_from)
+    else:
+        raise SystemExit(f"train.py --plan: --init_from {args.init_from!r} is neither a checkpoint directory "
+                         f"(no config.json) nor a preset ({', '.join(PRESETS)})")
+    dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        model = make_trainable(Transformer(config), args, lambda *a: None)
+    cast_params(model, dtype)
+    result = plan.memory_plan(model, world=args.world_size, fsdp=args.fsdp, batch=args.batch_size,
+                              seq_len=args.seq_len, grad_accum_steps=args.grad_accum_steps,
+                              grad_checkpointing=args.grad_checkpointing, compute_dtype=dtype,
+                              gpu_mem_gb=args.gpu_mem_gb, packed=args.pack)
+    print(json.dumps(result) if args.json else plan.format_plan(result))
+    return result
 
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(PREEMPTED if result and result["stopped"] else 0)
+    sys.exit(PREEMPTED if result and result.get("stopped") else 0)
