@@ -3,10 +3,15 @@ Benchmarks. Each section warms up, then times; numbers go to BENCHMARKS.md by ha
 machine, the date and the command.
 
     python bench.py                      # every section that fits the device
-    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, issue 3 sizes)
+    python bench.py --only moe           # one PESC layer vs the dense FFN (CPU, dim 1024, 4096 tokens)
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
+    python bench.py --only quant         # NF4: bytes/param, dequantize throughput, QLoRA step
+    python bench.py --only quant7b       # NF4: resident memory of a Llama-2-7B-shaped quantized base
+    python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
+    OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
+    python bench.py --only data          # tokenizing 200K ShareGPT conversations into the token cache
     python bench.py --only fsdp_load     # peak memory per rank loading a 1B base for --fsdp (CPU, 2 ranks)
 """
 
@@ -24,11 +29,11 @@ import torch.nn.functional as F
 import kernels
 import model
 import moe
+import quant
 from data import attention_inputs
-from model import FeedForward, ModelConfig, Transformer
-from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, upcycle
+from model import FeedForward, ModelConfig, Transformer, peak_flops
+from moe import LORA_TARGETS, PESCConfig, PESCFeedForward, add_lora, pesc_layers, set_trainable, upcycle
 from sample import DTYPES, generate
-from train import PEAK_FLOPS
 
 
 def timeit(fn, warmup=2, iters=7, device="cpu"):
@@ -75,7 +80,7 @@ def kernel_mode(mode, loop=False):
 
 
 # -----------------------------------------------------------------------------
-# One PESC layer vs the dense FFN (issue 3)
+# One PESC layer vs the dense FFN, on the CPU
 
 
 def adapter_experts_dense(y, weights, experts, down, up, scaling):
@@ -95,7 +100,8 @@ def bench_moe(args):
     D, F_, E, k, r, N = 1024, 2816, 8, 2, 64, 4096
     torch.manual_seed(0)
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)).to(dev)
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r, adapter_dropout=0.0)
+    layer = PESCFeedForward(ffn, cfg).to(dev)
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)
     x = torch.randn(1, N, D, device=dev, dtype=dt, requires_grad=True)
@@ -105,7 +111,7 @@ def bench_moe(args):
         ffn(x).backward(g)
 
     def pesc_step():
-        layer(x).backward(g)
+        layer(x, cfg)[0].backward(g)
 
     # the MoE part alone: router, dispatch, adapters, combine, on a fixed FFN output
     y = torch.randn(N, D, device=dev, dtype=dt, requires_grad=True)
@@ -133,7 +139,7 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
-# Decoding (issue 5)
+# Decoding: the KV cache vs recomputing the sequence
 
 
 def bench_decode(args):
@@ -199,7 +205,7 @@ def bench_decode(args):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels vs their PyTorch twins (issue 7, GPU)
+# Triton kernels vs their PyTorch twins (GPU)
 
 
 def bench_kernels(args):
@@ -298,7 +304,8 @@ def bench_kernels(args):
     # One PESC FFN layer vs the dense frozen FFN: backward to the input and to the router
     # and adapters only (the FFN is frozen), training mode (adapter dropout on).
     ffn = FeedForward(D, F_).to(dev, dt).requires_grad_(False)
-    layer = PESCFeedForward(ffn, PESCConfig(num_experts=E, top_k=k, adapter_dim=r)).train()
+    cfg = PESCConfig(num_experts=E, top_k=k, adapter_dim=r)
+    layer = PESCFeedForward(ffn, cfg).train()
     with torch.no_grad():
         layer.adapter_up.normal_(0, 0.02)  # zero at upcycling; trained adapters are not
     trainable = [p for p in layer.parameters() if p.requires_grad]  # router + adapters
@@ -307,7 +314,7 @@ def bench_kernels(args):
     for mode in ("triton", "torch"):
         with kernel_mode(mode):
             d_ms, d_mib = measure(fwd_bwd(ffn, (xl,)))
-            p_ms, p_mib = measure(fwd_bwd(layer, (xl,), trainable))
+            p_ms, p_mib = measure(fwd_bwd(lambda x: layer(x, cfg)[0], (xl,), trainable))
         results[f"layer_{mode}"] = dict(dense_ms=d_ms, pesc_ms=p_ms, ratio=p_ms / d_ms, dense_mib=d_mib, pesc_mib=p_mib)
         label = "kernels" if mode == "triton" else "twins  "
         print(f"    {label}: dense {d_ms:7.2f} ms {d_mib:6.0f} MiB | PESC {p_ms:7.2f} ms {p_mib:6.0f} MiB"
@@ -333,7 +340,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]
 
     def step():
         _, loss = net(idx, idx)
@@ -355,7 +362,7 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
-# Training throughput per mode (issue 6)
+# Training throughput per train.py --mode
 
 
 def bench_train(args):
@@ -382,16 +389,123 @@ def bench_train(args):
     return results
 
 
+# -----------------------------------------------------------------------------
+# NF4 / QLoRA
+
+
+def quantize_base(net):
+    """Swap the seven base linears of every layer for NF4 ones, in place (the in-memory twin of
+    Transformer.from_pretrained(quantize="nf4"))."""
+    for layer in net.layers:
+        for parent in (layer.attention, layer.feed_forward):
+            for name in LORA_TARGETS.values():
+                if isinstance(getattr(parent, name, None), torch.nn.Linear):
+                    setattr(parent, name, quant.NF4Linear.from_linear(getattr(parent, name)))
+
+
+def bench_quant(args):
+    """Bytes per base parameter, the twin's (or on CUDA the kernel's) dequantize throughput on a
+    Llama-2-7B FFN weight, and a QLoRA PESC training step against the same step unquantized."""
+    dev = args.device
+    w = torch.randn(11008, 4096, device=dev, dtype=torch.bfloat16) * 0.02
+    packed = quant.quantize_nf4(w)
+    print(f"[quant] 11008x4096 weight: {packed.nbytes() / packed.numel():.4f} bytes/param in NF4 "
+          f"(double-quantized absmax), {w.element_size()} in bf16; {8 * packed.nbytes() / packed.numel():.3f} bits")
+    for dtype in (torch.bfloat16, torch.float32):
+        fns = [lambda: quant.dequantize_torch(packed, dtype)]
+        names = ["twin"]
+        if dev.startswith("cuda"):
+            fns.append(lambda: quant.dequantize_nf4(packed, dtype))
+            names.append("kernel")
+        for name, t in zip(names, race(fns, warmup=1, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")):
+            moved = packed.nbytes() + packed.numel() * dtype.itemsize  # read the packed form, write the weight
+            print(f"[quant] dequantize ({name}) -> {str(dtype)[6:]}: {t * 1e3:.1f} ms, "
+                  f"{packed.numel() / t / 1e6:,.0f} Mparam/s, {moved / t / 1e9:.2f} GB/s moved")
+    del w, packed
+    # the two steps take turns (race), so the machine's noise falls on both alike
+    steps = [train_step(mode, dev, args.layers) for mode in ("pesc+lora", "qlora")]
+    times = race([step for step, _, _ in steps], warmup=2, iters=5, device="cuda" if dev.startswith("cuda") else "cpu")
+    for mode, (_, r, _), t in zip(("pesc+lora", "qlora"), steps, times):
+        print(f"[quant] {r['model']} B={r['B']} T={r['T']} {mode:9s}: {t * 1e3:8.1f} ms/step, "
+              f"{r['B'] * r['T'] / t:8.0f} tokens/s")
+    print(f"[quant] NF4 QLoRA step / unquantized step: {times[1] / times[0]:.2f}")
+
+
+def bench_quant7b(args):
+    """Resident memory of a Llama-2-7B-shaped model whose base linears are NF4, built on the CPU
+    from random bf16 weights one tensor at a time (as from_pretrained(quantize="nf4") loads)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        r = pool.apply(quant7b_build)
+    print(f"[quant7b] llama2-7b, base linears in NF4, the rest bf16: {r['params'] / 1e9:.3f}B parameters, "
+          f"built in {r['seconds']:.0f} s")
+    print(f"[quant7b] tensors {r['tensor_gib']:.2f} GiB (NF4 linears {r['nf4_gib']:.2f} GiB for "
+          f"{r['nf4_params'] / 1e9:.3f}B params = {r['nf4_bytes_per_param']:.4f} B/param; bf16 would be "
+          f"{2 * r['params'] / 2**30:.2f} GiB); resident {r['rss_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB, "
+          f"idle process {r['idle_gib']:.2f} GiB")
+
+
+def quant7b_build():
+    import resource
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    idle = rss()
+    t0 = time.perf_counter()
+    cfg = ModelConfig.from_preset("llama2-7b")
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    nf4_bytes = nf4_params = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name in LORA_TARGETS.values():
+                w = torch.empty(child.weight.shape, dtype=torch.bfloat16).normal_(0, 0.02)
+                nf4 = quant.NF4Linear(quant.quantize_nf4(w))
+                del w
+                setattr(module, name, nf4)
+                nf4_bytes += nf4.packed.nbytes()
+                nf4_params += nf4.in_features * nf4.out_features
+    for module in net.modules():  # embeddings, norms, LM head: bf16
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=torch.bfloat16).normal_(0, 0.02),
+                                                     requires_grad=False))
+    other = sum(p.numel() * p.element_size() for p in net.parameters())
+    return dict(params=net.num_params(), seconds=time.perf_counter() - t0, nf4_params=nf4_params,
+                nf4_gib=nf4_bytes / 2**30, nf4_bytes_per_param=nf4_bytes / nf4_params,
+                tensor_gib=(nf4_bytes + other) / 2**30, rss_gib=rss(), idle_gib=idle,
+                peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
 def train_step_bench(mode, device, layers):
     """One mode of bench_train, in its own process."""
     import resource
 
     cuda = device.startswith("cuda")
     idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process before the model (KiB on Linux)
+    step, r, net = train_step(mode, device, layers)
+    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
+    tps = r["B"] * r["T"] / dt
+    r["tokens_per_s"] = tps
+    if cuda:
+        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if r["peak"] is not None:
+            r["mfu"] = net.estimate_mfu(tps, r["T"], r["peak"])
+    else:
+        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
+    return r
+
+
+def train_step(mode, device, layers):
+    """(one training step of `mode` as a function, its sizes, the model). mode: pesc, pesc+lora,
+    lora, full, or qlora (pesc+lora on an NF4 base)."""
+    cuda = device.startswith("cuda")
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_flops(device)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")
@@ -400,11 +514,13 @@ def train_step_bench(mode, device, layers):
     torch.manual_seed(0)
     with torch.device(device):
         net = Transformer(cfg).to(dtype)
-    if mode.startswith("pesc"):
-        upcycle(net, replace(pesc, lora_rank=lora_rank if mode == "pesc+lora" else 0))
+    if mode == "qlora":
+        quantize_base(net)
+    if mode.startswith("pesc") or mode == "qlora":
+        upcycle(net, replace(pesc, lora_rank=lora_rank if mode in ("pesc+lora", "qlora") else 0))
     elif mode == "lora":
-        net.requires_grad_(False)
         add_lora(net, LORA_TARGETS, lora_rank, 16.0, 0.1)
+    set_trainable(net, "pesc" if mode == "qlora" else mode.split("+")[0])  # the rule train.setup_model applies
     params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # the optimizer's fp32 master copies, as train.py keeps them
         p.data = p.data.float()
@@ -421,18 +537,294 @@ def train_step_bench(mode, device, layers):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = timeit(step, warmup=2, iters=5, device="cuda" if cuda else "cpu")
-    tps = B * T / dt
-    r = dict(model=name, B=B, T=T, tokens_per_s=tps, trainable=sum(p.numel() for p in params),
-             total=net.num_params())
-    if cuda:
-        r["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        if peak is not None:
-            r["mfu"] = net.estimate_mfu(tps, T, peak)
+    info = dict(model=name, B=B, T=T, trainable=sum(p.numel() for p in params), total=net.num_params(), peak=peak)
+    return step, info, net
+
+
+# -----------------------------------------------------------------------------
+# Evaluation throughput
+
+
+def bench_eval(args):
+    """eval.py's multiple-choice scoring against the bare forward passes of the same tokens.
+
+    A "small" PESC model (8 experts top-2) and the byte-level tokenizer; two synthetic tasks
+    shaped like 5-shot MMLU (4 one-token choices) and HellaSwag (4 endings of ~20 tokens). Three
+    times per task: eval's whole path (encoding, batching, log-softmax and gathering, routing
+    counts), its model calls alone (eval.row_logits: the prefill and the continuation steps of
+    each batch), and those calls with one row per (prompt, choice), as a scorer without prompt
+    sharing would run them."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import eval as ev
+    from tokenizer import Tokenizer, write_byte_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        net = upcycle(Transformer(ModelConfig.from_preset("small")), PESCConfig(num_experts=8, top_k=2, adapter_dim=64,
+                                                                               adapter_dropout=0.0)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer(write_byte_tokenizer(os.path.join(tmp, "tokenizer.model")))
+    rnd = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join("abcdefghij"[int(i) % 10] * (1 + int(i) % 5) for i in torch.randint(0, 50, (n,), generator=rnd))
+
+    n_items, batch = 32, 16
+    tasks = {"mmlu-like": [ev.Item(i, words(60) + "\nAnswer:", ["A", "B", "C", "D"], 0) for i in range(n_items)],
+             "hellaswag-like": [ev.Item(i, words(30), [words(5) for _ in range(4)], 0) for i in range(n_items)]}
+    opts = SimpleNamespace(batch_size=batch, max_new_tokens=1, quiet=True)
+    results = {}
+    for name, items in tasks.items():
+        task = ev.Task(name, "mc", items)
+        requests = [(ev.encode_pair(tok, it.prompt, " " + it.choices[0])[0],
+                     [ev.encode_pair(tok, it.prompt, " " + c)[1] for c in it.choices]) for it in items]
+        rows = sorted(ev.plan_rows(requests, net.config.max_seq_len),
+                      key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
+        single = [(ctx, [c], (r, j)) for ctx, conts, (r, _) in rows for j, c in enumerate(conts)]
+
+        def forward(rows):
+            with torch.no_grad():
+                for i in range(0, len(rows), batch):
+                    ev.row_logits(net, rows[i:i + batch])
+
+        t_eval, t_fwd, t_unshared = race([lambda: ev.run_task(net, tok, task, opts), lambda: forward(rows),
+                                          lambda: forward(single)], warmup=1, iters=3, device=args.device)
+        tokens = sum(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts, _ in rows)
+        results[name] = dict(items_per_s=n_items / t_eval, forward_items_per_s=n_items / t_fwd,
+                             overhead=t_eval / t_fwd, unshared_over_shared=t_unshared / t_fwd)
+        print(f"[eval] {name:15s} {n_items} items, {tokens} tokens fed: eval {n_items / t_eval:6.1f} items/s, "
+              f"forward alone {n_items / t_fwd:6.1f} items/s (eval/forward {t_eval / t_fwd:.2f}x); one row per "
+              f"choice instead: forward {t_unshared / t_fwd:.2f}x longer")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The paper's comparison in small: dense LoRA vs full fine-tuning vs PESC
+
+
+def bench_compare(args):
+    """Instruction-tune one small base three ways and score the three on the same held-out tasks.
+
+    The base is like the demo's (train.py), on a smaller budget: the tiny preset pretrained (1500
+    steps of 8 x 128 tokens) on generated "Q: .. A: .." text, then tuned on the demo's
+    instructions for the same 300 steps and learning rate as
+    --mode lora (rank 8 on all seven linears), --mode full, and --mode pesc (4 experts top-2,
+    no LoRA) with adapter_dim chosen so its trainable count matches the LoRA run's. Held out: the
+    demo's questions on words never seen in tuning, as an eval.py multiple-choice task (the right
+    answer among 3 others of the same skill, "Question: Q\nAnswer:", zero-shot) and as the demo's
+    greedy exact match in the chat template. Everything goes to out/compare/."""
+    import random
+
+    import eval as ev
+    import train as tr
+    from tokenizer import Tokenizer, write_byte_tokenizer
+
+    root = "out/compare"
+    data_dir, init_dir, base_dir = (os.path.join(root, d) for d in ("data", "init", "base"))
+    questions = tr.demo_data(data_dir)
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny")
+    Transformer(config).save_pretrained(init_dir)
+    write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
+    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
+        f.write('{"chat_template": "llama3"}')
+    common = ["--device", "cpu", "--seq_len", "128", "--batch_size", "8", "--grad_accum_steps", "1", "--beta2", "0.99",
+              "--grad_clip", "1.0", "--val_fraction", "0.02", "--log_interval", "100", "--save_interval", "0"]
+    tr.train(*tr.parse_args(["--init_from", init_dir, "--data", os.path.join(data_dir, "pretrain.json"),
+                             "--out_dir", base_dir, "--mode", "full", "--max_iters", "1500", "--lr", "5e-3",
+                             "--lr_schedule", "cosine", "--min_lr", "5e-4", "--warmup_iters", "30",
+                             "--eval_interval", "1500", *common]))
+
+    lora_rank, experts, top_k = 8, 4, 2
+    lora_trainable = sum(lora_rank * (m.in_features + m.out_features) for layer in Transformer(config).layers
+                         for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+                                   layer.feed_forward.w1, layer.feed_forward.w2, layer.feed_forward.w3))
+    per_layer = lora_trainable / config.n_layers - experts * config.dim  # minus the router
+    adapter_dim = round(per_layer / (2 * experts * config.dim))
+    runs = {"dense LoRA r=8": ["--mode", "lora", "--lora_rank", str(lora_rank), "--lora_alpha", "16",
+                               "--lora_dropout", "0"],
+            "full fine-tuning": ["--mode", "full"],
+            f"PESC {experts}x top-{top_k} r={adapter_dim}": [
+                "--mode", "pesc", "--num_experts", str(experts), "--top_k", str(top_k), "--adapter_dim",
+                str(adapter_dim), "--adapter_scaling", "1.0", "--adapter_dropout", "0", "--lora_rank", "0"]}
+
+    rng = random.Random(0)
+    by_skill = {}
+    for name, q, a in questions:
+        by_skill.setdefault(name, []).append(a)
+    items = []
+    for i, (name, q, a) in enumerate(questions):
+        others = sorted({x for x in by_skill[name] if x != a} | ({"yes", "no", "7", "3"} - {a}))
+        choices = [a] + rng.sample(others, 3)
+        rng.shuffle(choices)
+        items.append(ev.Item(i, f"Question: {q}\nAnswer:", choices, choices.index(a)))
+    task = ev.Task("demo-mc", "mc", items)
+    opts = argparse.Namespace(batch_size=16, max_new_tokens=8, quiet=True)
+
+    rows = []
+    for label, mode_args in [("dense base (no tuning)", None)] + list(runs.items()):
+        out_dir = base_dir
+        if mode_args is not None:
+            out_dir = os.path.join(root, mode_args[1] + ("" if mode_args[1] != "pesc" else f"-r{adapter_dim}"))
+            t0 = time.perf_counter()
+            targs = tr.parse_args(["--init_from", base_dir, "--data", os.path.join(data_dir, "sft.json"),
+                                   "--out_dir", out_dir, "--max_iters", "300", "--lr", "3e-3", "--warmup_iters", "20",
+                                   "--eval_interval", "300", *common, *mode_args])
+            trainable = tr.setup_model(targs[0], "cpu", torch.float32, lambda m: None)[0].num_params(True)
+            tr.train(*targs)
+            seconds = time.perf_counter() - t0
+        model = Transformer.from_pretrained(out_dir).eval()
+        tok = Tokenizer(out_dir)
+        outcomes, _ = ev.run_task(model, tok, task, opts)
+        scores = {r["metric"]: r["value"] for r in ev.score_task(task, outcomes)[0]}
+        loss, accuracy, _ = tr.demo_eval(out_dir, questions)
+        tuned = mode_args is not None
+        rows.append((label, f"{trainable:,}" if tuned else "-", f"{seconds:.0f}" if tuned else "-",
+                     scores["acc"], scores["acc_norm"], sum(accuracy.values()) / len(accuracy), loss))
+    print("\n| run | trainable | tuning s | mc acc | mc acc_norm | exact match (chat) | held-out loss |")
+    print("|---|---|---|---|---|---|---|")
+    for label, trainable, seconds, acc, acc_norm, em, loss in rows:
+        print(f"| {label} | {trainable} | {seconds} | {acc:.3f} | {acc_norm:.3f} | {em:.3f} | {loss:.3f} |")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The data pipeline at real size: tokenizing into the token cache, a second start
+
+WORDS = ("the of and to in is that for it as with was on be by this are or at from have an which not "
+         "but what all were when we there can your more one has their if will each about how up out them "
+         "then she many some so these would other into her like him time two see way could people first "
+         "water than been call who its now find long down day did get come made may part number sound "
+         "answer question explain step because therefore result function value list return print code "
+         "python error total sum equation solve given area triangle circle river city history science").split()
+
+
+def write_sharegpt(path, n, seed=0):
+    """A ShareGPT JSONL file of n generated conversations shaped like SlimOrca's: a system prompt in
+    half of them, 1-3 turns, short questions and longer answers of common English words."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            turns = [{"from": "system", "value": " ".join(rng.choices(WORDS, k=rng.randint(8, 30)))}] \
+                if rng.random() < 0.5 else []
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                turns.append({"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(10, 80))) + "?"})
+                turns.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(20, 250))) + "."})
+            f.write(json.dumps({"conversations": turns}) + "\n")
+
+
+DATA_SEED = 0  # passed to train.py too, so that its second start finds this cache
+
+
+def build_data_once(spec, tokenizer_dir, cache_dir, seq_len, workers):
+    """One first start of the data pipeline in its own process: seconds and peak memory."""
+    import resource
+
+    from data import InstructionData
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    idle_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    data = InstructionData(spec, tok, seq_len, pack_rows=True, val_fraction=0.01, seed=DATA_SEED, cache_dir=cache_dir,
+                           workers=workers, log=lambda line: None)
+    seconds = time.perf_counter() - t0
+    cache_bytes = sum(os.path.getsize(os.path.join(data.cache_path, n)) for n in os.listdir(data.cache_path))
+    return dict(seconds=seconds, records=sum(s["records"] for s in data.sources), rows=len(data.train_rows),
+                tokens=sum(s["tokens"] for s in data.sources), cache_mib=cache_bytes / 2**20,
+                peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, idle_mib=idle_kib / 1024,
+                worker_peak_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def put_result(queue, fn, *args):
+    queue.put(fn(*args))
+
+
+def bench_data(args):
+    """First start (tokenizing into the token cache) with 1 and 2 workers on a generated
+    ShareGPT file, the cache's size, peak memory (the building process and its largest worker;
+    also on a quarter of the file, to show it does not grow with the dataset), and a second
+    start of train.py with the cache: seconds from launch to the first step's log line."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    from tokenizer import write_byte_tokenizer
+
+    root = os.path.join("out", "bench-data")
+    os.makedirs(root, exist_ok=True)
+    # Meta's Llama 3 tokenizer (the llama-models package ships it); else the byte-level one
+    spec = find_spec("llama_models")
+    tok_dir = os.path.join(root, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    meta = os.path.join(os.path.dirname(spec.origin), "llama3", "tokenizer.model") if spec else None
+    if meta and os.path.isfile(meta):
+        shutil.copy(meta, os.path.join(tok_dir, "tokenizer.model"))
+        vocab, tok_name = 128256, "Llama 3 (tiktoken, 128K)"
     else:
-        r["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        r["peak_above_idle_mib"] = r["peak_mib"] - idle_kib / 1024
-    return r
+        write_byte_tokenizer(os.path.join(tok_dir, "tokenizer.model"))
+        vocab, tok_name = 512, "byte-level (512)"
+    n = args.conversations
+    files = {}
+    for count in (n // 4, n):
+        files[count] = os.path.join(root, f"sharegpt-{count}.jsonl")
+        if not os.path.isfile(files[count]):
+            write_sharegpt(files[count], count)
+    print(f"[data] {n:,} ShareGPT conversations, {os.path.getsize(files[n]) / 2**20:.0f} MiB of JSONL, "
+          f"tokenizer {tok_name}, seq_len {args.seq_len}, packed")
+    ctx = multiprocessing.get_context("spawn")  # each build in a fresh process: its own peak memory
+    cache = os.path.join(root, "cache")
+    for count, workers in ((n // 4, 2), (n, 1), (n, 2)):  # the last leaves the full file's cache
+        shutil.rmtree(cache, ignore_errors=True)
+        results = ctx.SimpleQueue()  # not a Pool: its daemonic processes may not start the workers
+        proc = ctx.Process(target=put_result, args=(results, build_data_once, files[count], tok_dir, cache,
+                                                    args.seq_len, workers))
+        proc.start()
+        r = results.get()
+        proc.join()
+        print(f"[data] first start, {count:,} conversations, {workers} worker(s): {r['seconds']:.1f} s, "
+              f"{r['records'] / r['seconds']:,.0f} conversations/s, {r['tokens'] / r['seconds'] / 1e6:.2f}M tokens/s; "
+              f"{r['rows']:,} rows, {r['tokens'] / 1e6:.1f}M tokens, cache {r['cache_mib']:.0f} MiB; peak RSS "
+              f"{r['peak_mib']:.0f} MiB (idle {r['idle_mib']:.0f}), largest worker {r['worker_peak_mib']:.0f} MiB")
+
+    # The second start: the data alone (a fresh process mapping the cache), then train.py on a tiny model
+    results = ctx.SimpleQueue()
+    proc = ctx.Process(target=put_result, args=(results, build_data_once, files[n], tok_dir, cache, args.seq_len, 2))
+    proc.start()
+    r = results.get()
+    proc.join()
+    print(f"[data] second start, data only: {r['seconds']:.2f} s to InstructionData from the cache "
+          f"({r['rows']:,} rows mapped), peak RSS {r['peak_mib']:.0f} MiB (idle {r['idle_mib']:.0f})")
+    # train.py on a tiny model with this tokenizer, the cache already built
+    ckpt = os.path.join(root, "tiny")
+    Transformer(ModelConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=args.seq_len)).save_pretrained(ckpt)
+    shutil.copy(os.path.join(tok_dir, "tokenizer.model"), os.path.join(ckpt, "tokenizer.model"))
+    cmd = [sys.executable, "train.py", "--init_from", ckpt, "--data", files[n], "--cache_dir", cache,
+           "--out_dir", os.path.join(root, "run"), "--device", "cpu", "--seq_len", str(args.seq_len),
+           "--batch_size", "1", "--grad_accum_steps", "1", "--max_iters", "1", "--eval_interval", "0",
+           "--seed", str(DATA_SEED), "--val_fraction", "0.01", "--pack", "true",
+           "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    marks = {}
+    for line in proc.stdout:
+        for name, start in (("cache mapped", "token cache: reading"), ("loop", "training "), ("first step", "iter 1:")):
+            if line.startswith(start) and name not in marks:
+                marks[name] = time.perf_counter() - t0
+        if len(marks) == 3:  # what comes after (the held-out eval, the export) is not the start
+            proc.kill()
+            break
+    proc.wait()
+    assert len(marks) == 3, (proc.returncode, marks)
+    print(f"[data] second start (train.py, cache built): {marks['cache mapped']:.1f} s to the cache mapped, "
+          f"{marks['loop']:.1f} s to the training loop (model loaded, first batch next), "
+          f"{marks['first step']:.1f} s to the first step's log line")
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +895,9 @@ def fsdp_load_worker(rank, world, port, ckpt, how, mode, queue):
 
 # -----------------------------------------------------------------------------
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model, "train": bench_train,
+SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
+            "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
+            "compare": bench_compare, "data": bench_data,
             "fsdp_load": bench_fsdp_load}
 
 
@@ -513,6 +907,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=8, help="decoder layers in the 'model' section")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--conversations", type=int, default=200_000, help="size of the generated set in 'data'")
+    p.add_argument("--seq_len", type=int, default=2048, help="rows of the 'data' section")
     args = p.parse_args()
     for name in args.only.split(","):
         if name not in SECTIONS:

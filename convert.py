@@ -1,5 +1,6 @@
 """
-Convert checkpoints between the official layouts and the project's format (SPEC.md 2, 3).
+Convert checkpoints between the official layouts (Meta, Hugging Face, the released PESC models)
+and the project's format.
 
     python convert.py --src DIR --out DIR [--dtype bf16|fp16|fp32] [--rope_theta X] [--force]  # import
     python convert.py --src CKPT --out DIR --to hf [--dtype ...] [--force]                       # export
@@ -22,7 +23,6 @@ official key names and config keys. LoRA, if the checkpoint has it, is merged fi
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -31,7 +31,7 @@ import tempfile
 import torch
 
 import moe
-from model import ModelConfig, Transformer, write_checkpoint
+from model import FLAG, LLAMA3_ROPE, ModelConfig, Transformer, checkpoint_files, write_checkpoint
 import tokenizer
 from tokenizer import Tokenizer, tokenizer_files
 from moe import PESCConfig
@@ -154,6 +154,14 @@ class ConvertError(Exception):
 def read_json(path):
     try:
         return tokenizer.read_json(path)  # its ValueError names the file; here it is bad input
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def tokenizer_config(out_dir, src, chat_template):
+    """tokenizer.write_tokenizer_config, its bad input (src's file) a ConvertError."""
+    try:
+        return tokenizer.write_tokenizer_config(out_dir, src, chat_template)
     except ValueError as e:
         raise ConvertError(str(e)) from None
 
@@ -298,8 +306,7 @@ def meta_config(params: dict, params_file, emb_rows: int, w1_rows: int, w1_key, 
         vocab_size=emb_rows, dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
         n_kv_heads=params.get("n_kv_heads") or n_heads, ffn_dim=ffn,
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=theta, max_seq_len=max_seq_len, tie_embeddings=tied,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192} if scaled else None,
+        rope_scaling=dict(LLAMA3_ROPE) if scaled else None,
     )
 
 
@@ -408,7 +415,7 @@ def hf_weight_files(src):
                        f"pytorch_model.bin[.index.json])")
 
 
-def hf_model_config(hf: dict, cfg_file, keys, rope_theta=None):
+def hf_model_config(hf: dict, cfg_file, keys):
     """(ModelConfig, family) for an HF dense or official PESC config.json and its tensor names."""
     model_type = str(hf.get("model_type", "")).lower()
     if model_type not in _HF_MODEL_TYPES:
@@ -442,20 +449,25 @@ def hf_model_config(hf: dict, cfg_file, keys, rope_theta=None):
         except ValueError as e:
             raise ConvertError(f"{cfg_file}: {e}") from None
         config.moe = pesc
+    return config, family
+
+
+def set_rope_base(config: ModelConfig, family: str, rope_theta, cfg_file):
+    """The RoPE base a converted checkpoint computes with, in place: --rope_theta when given;
+    for Camelidae 10000, since the official modeling code never reads rope_theta; else the
+    source config's. Each choice is announced."""
     if rope_theta is not None:
         print(f"rope_theta {rope_theta:g} (--rope_theta; {cfg_file} says {config.rope_theta:g})")
         config.rope_theta = float(rope_theta)
     elif family == "camelidae" and config.rope_theta != 10000.0:
-        # The official Camelidae modeling code never reads rope_theta: it computes with 10000.
         print(f"Camelidae: the official code ignores rope_theta ({config.rope_theta:g} in {cfg_file}) and "
               f"uses 10000; converting with 10000 (pass --rope_theta to override)")
         config.rope_theta = 10000.0
     elif family == "camelidae":
         print("Camelidae: RoPE base 10000, as the official code uses (pass --rope_theta to override)")
-    return config, family
 
 
-def read_hf(src, rope_theta=None):
+def read_hf(src):
     """(config, tensor stream, family, config file) of an HF dense or PESC checkpoint."""
     cfg_file = os.path.join(src, "config.json")
     hf = read_json(cfg_file)
@@ -463,7 +475,7 @@ def read_hf(src, rope_theta=None):
         raise ConvertError(f"{cfg_file}: expected a JSON object")
     files, index, weight_map = hf_weight_files(src)
     keys = list(weight_map) if weight_map else weight_keys(files[0])
-    config, family = hf_model_config(hf, cfg_file, keys, rope_theta)
+    config, family = hf_model_config(hf, cfg_file, keys)
     sparsetral = family == "sparsetral"
     E = config.moe.num_experts if config.moe else 0
 
@@ -566,6 +578,19 @@ def tokenizer_kind(src, vocab_size: int):
 # Import
 
 
+def read_official(src, layout, rope_theta=None):
+    """(config, tensor stream, family, config file, HF config dict) of a Meta or HF checkpoint,
+    with the RoPE base set (set_rope_base)."""
+    if layout == "meta":
+        config, tensors, family, cfg_file = read_meta(src)
+        hf = {}
+    else:
+        config, tensors, family, cfg_file = read_hf(src)
+        hf = read_json(cfg_file)
+    set_rope_base(config, family, rope_theta, cfg_file)
+    return config, tensors, family, cfg_file, hf
+
+
 def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_shard_bytes=5 * 2**30):
     """Import a Meta, Hugging Face or official PESC checkpoint dir into a project checkpoint at out.
 
@@ -578,16 +603,7 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
     layout = detect_layout(src)
     if layout == "project":
         raise ConvertError(f"{src} is already a project checkpoint (export it with --to hf)")
-    if layout == "meta":
-        if rope_theta is not None:
-            print(f"rope_theta {rope_theta:g} (--rope_theta)")
-        config, tensors, family, cfg_file = read_meta(src)
-        if rope_theta is not None:
-            config.rope_theta = float(rope_theta)
-        hf = {}
-    else:
-        config, tensors, family, cfg_file = read_hf(src, rope_theta)
-        hf = read_json(cfg_file)
+    config, tensors, family, cfg_file, hf = read_official(src, layout, rope_theta)
     dtype = DTYPES.get(dtype, dtype)
     if dtype is None:  # an HF config names its dtype; transformers 5 calls it "dtype"
         name = hf.get("torch_dtype") or hf.get("dtype")
@@ -601,16 +617,182 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
 
     kind = tokenizer_kind(src, config.vocab_size)
     template = chat_template(family, kind, config.vocab_size)
-    tok_config = {}
-    src_tok_config = os.path.join(src, "tokenizer_config.json")
-    if os.path.isfile(src_tok_config):  # keep its added tokens (sparsetral's <|im_start|> ...)
-        tok_config = read_json(src_tok_config)
-        tok_config = tok_config if isinstance(tok_config, dict) else {}
-    tok_config["chat_template"] = template  # a template name, which the project's tokenizer reads
     with tempfile.TemporaryDirectory() as tmp:
-        tok_config_file = os.path.join(tmp, "tokenizer_config.json")
-        with open(tok_config_file, "w") as f:
-            json.dump(tok_config, f, indent=2)
+        # src's added tokens stay (sparsetral's <|im_start|> ...); chat_template becomes a name
+        tok_config_file = tokenizer_config(tmp, src, template)
+        extra = tokenizer_files(src) + [(tok_config_file, "tokenizer_config.json")]
+        write_checkpoint(out, config.to_dict(), state, max_shard_bytes, extra_files=extra, overwrite=force)
+    print(f"wrote {out} (chat template {template})")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# The official trainer's output (train_moe.py): checkpoint-N/adapter_model/ (a PEFT LoRA) and
+# checkpoint-N/moe_model.bin (routers and adapter experts), on the base they were trained on
+
+# PEFT target module names -> their HF module paths inside a layer
+_PEFT_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                 "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                 "down_proj": "mlp.down_proj"}
+_PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the HF model
+_PEFT_LORA_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.((?:self_attn|mlp)\.(\w+))\.lora_(A|B)\.weight")
+_ROUTER_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.moe_adapter\.router\.weight")
+
+
+def read_peft_lora(adapter_dir, shapes: dict):
+    """{project weight name: (alpha / r) * B @ A in fp32} of a PEFT LoRA directory, checked
+    against the base's shapes (name -> shape) and its adapter_config.json."""
+    cfg_file = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_file):
+        raise ConvertError(f"{adapter_dir}: no adapter_config.json (the PEFT LoRA of the training output)")
+    cfg = read_json(cfg_file)
+    for key in ("r", "lora_alpha", "target_modules"):
+        if not isinstance(cfg, dict) or key not in cfg:
+            raise ConvertError(f"{cfg_file}: missing key {key!r}")
+    if cfg.get("use_rslora") or cfg.get("use_dora"):
+        raise ConvertError(f"{cfg_file}: rsLoRA / DoRA adapters are not supported (plain LoRA only)")
+    targets = cfg["target_modules"]
+    if not isinstance(targets, list) or not set(targets) <= set(_PEFT_MODULES):
+        raise ConvertError(f"{cfg_file}: target_modules {targets!r}: expected a list of {list(_PEFT_MODULES)}")
+    rank, scale = int(cfg["r"]), float(cfg["lora_alpha"]) / int(cfg["r"])
+    files = [os.path.join(adapter_dir, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise ConvertError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin")
+    pairs = {}  # project name -> {"A": tensor, "B": tensor}
+    for key, t in read_weights(files[0]):
+        m = _PEFT_LORA_RE.fullmatch(key)
+        if not m or _PEFT_MODULES.get(m.group(3)) != m.group(2):
+            raise ConvertError(f"{files[0]}: tensor {key!r} is not a LoRA A/B weight of a base linear")
+        if m.group(3) not in targets:
+            raise ConvertError(f"{files[0]}: tensor {key!r} is on {m.group(3)}, which is not among "
+                               f"{cfg_file}'s target_modules {targets}")
+        name = f"layers.{m.group(1)}.{_HF_LAYER_KEYS[m.group(2) + '.weight']}"
+        if name not in shapes:
+            raise ConvertError(f"{files[0]}: tensor {key!r}: the base has no layer {m.group(1)}")
+        out_dim, in_dim = shapes[name]
+        want = (rank, in_dim) if m.group(4) == "A" else (out_dim, rank)
+        if tuple(t.shape) != want:
+            raise ConvertError(f"{files[0]}: tensor {key!r} has shape {tuple(t.shape)}; rank r={rank} "
+                               f"({cfg_file}) on the base's {tuple(shapes[name])} weight needs {want}")
+        pairs.setdefault(name, {})[m.group(4)] = t
+    n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
+    for layer in range(n_layers):
+        for module in targets:
+            name = f"layers.{layer}.{_HF_LAYER_KEYS[_PEFT_MODULES[module] + '.weight']}"
+            for part in "AB":
+                if part not in pairs.get(name, {}):
+                    raise ConvertError(f"{files[0]}: no tensor '{_PEFT_PREFIX}model.layers.{layer}."
+                                       f"{_PEFT_MODULES[module]}.lora_{part}.weight' ({cfg_file} targets {module})")
+    return {name: scale * (p["B"].float() @ p["A"].float()) for name, p in pairs.items()}
+
+
+def read_moe_adapters(path, config: ModelConfig):
+    """(num_experts, adapter_dim, {project name: tensor}) from the trainer's moe_model.bin."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: missing (the routers and adapter experts of the training output)")
+    routers, experts = {}, {}  # layer -> router; (layer, kind) -> {expert: tensor}
+    for key, t in torch_load(path).items():
+        hf_key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else ""
+        if m := _EXPERT_RE.fullmatch(hf_key):
+            if not m.group(2):
+                raise ConvertError(f"{path}: tensor {key!r}: the official trainer names experts 'expert_E'")
+            experts.setdefault((int(m.group(1)), m.group(4)), {})[int(m.group(3))] = (t, key)
+        elif m := _ROUTER_RE.fullmatch(hf_key):
+            routers[int(m.group(1))] = (t, key)
+        else:
+            raise ConvertError(f"{path}: tensor {key!r} is neither a router nor an adapter expert "
+                               f"('{_PEFT_PREFIX}model.layers.I.mlp.moe_adapter...')")
+    if 0 not in routers:
+        raise ConvertError(f"{path}: no tensor '{_PEFT_PREFIX}model.layers.0.mlp.moe_adapter.router.weight'")
+    E = routers[0][0].shape[0]
+    first = experts.get((0, "down"), {}).get(0)
+    if first is None:
+        raise ConvertError(f"{path}: no tensor '{_PEFT_PREFIX}{expert_key(0, 0, 'down')}'")
+    r = first[0].shape[0]
+    state = {}
+    for layer in range(config.n_layers):
+        if layer not in routers:
+            raise ConvertError(f"{path}: no router for layer {layer} "
+                               f"('{_PEFT_PREFIX}model.layers.{layer}.mlp.moe_adapter.router.weight')")
+        state[f"layers.{layer}.feed_forward.router.weight"] = routers[layer]
+        for kind in ("down", "up"):
+            group = experts.get((layer, kind), {})
+            for e in range(E):
+                if e not in group:
+                    raise ConvertError(f"{path}: no tensor '{_PEFT_PREFIX}{expert_key(layer, e, kind)}' "
+                                       f"(the routers have {E} experts)")
+            if len(group) != E:
+                raise ConvertError(f"{path}: layer {layer} has {len(group)} {kind} adapters, the router {E}")
+            shape = (r, config.dim) if kind == "down" else (config.dim, r)
+            for e, (t, key) in group.items():
+                if tuple(t.shape) != shape:
+                    raise ConvertError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}; the base's dim "
+                                       f"{config.dim} and adapter dim {r} need {shape}")
+            state[f"layers.{layer}.feed_forward.adapter_{kind}"] = (torch.stack([group[e][0] for e in range(E)]), key)
+    extra = sorted(set(routers) - set(range(config.n_layers)))
+    if extra:
+        raise ConvertError(f"{path}: a router for layer {extra[0]}, but the base has {config.n_layers} layers")
+    return E, r, state
+
+
+def convert_training_output(src, training_output, out, top_k, adapter_scaling, dtype=None, rope_theta=None,
+                            force=False, max_shard_bytes=5 * 2**30):
+    """Merge the official trainer's checkpoint-N (PEFT LoRA + moe_model.bin) with the dense base
+    it trained on (HF, Meta or project checkpoint) into a PESC project checkpoint at out.
+
+    The LoRA is merged into the base with scaling lora_alpha / r, as merge_moe_lora.py does. The
+    number of experts and the adapter dim come from the tensors; top_k and adapter_scaling
+    cannot, and the official scripts disagree on them, so the caller must give both."""
+    if top_k is None or adapter_scaling is None:
+        raise ConvertError("--training_output needs --top_k and --adapter_scaling: the official train and merge "
+                           "scripts disagree on them (the tensors do not say), so there is no default")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_out(src, out, force)
+    if not os.path.isdir(training_output):
+        raise ConvertError(f"--training_output {training_output}: no such directory (the trainer's checkpoint-N)")
+    layout = detect_layout(src)
+    if layout == "project":
+        cfg_file = os.path.join(src, "config.json")
+        config = ModelConfig.from_dict(read_json(cfg_file), cfg_file)
+
+        def project_tensors():
+            from safetensors import safe_open
+
+            for fname in checkpoint_files(src):
+                with safe_open(fname, framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key), fname, key
+        tensors, source_name = project_tensors(), (lambda k: k)
+    else:
+        config, tensors, _, cfg_file, _ = read_official(src, layout, rope_theta)
+        source_name = (lambda k: k) if layout == "meta" else hf_source_name
+    if config.moe is not None:
+        raise ConvertError(f"{src} is already a PESC checkpoint; --src must be the dense base the run trained on")
+    shapes = expected_shapes(config)
+    deltas = read_peft_lora(os.path.join(training_output, "adapter_model"), shapes)
+    E, r, adapters = read_moe_adapters(os.path.join(training_output, "moe_model.bin"), config)
+    try:
+        config.moe = PESCConfig(num_experts=E, top_k=top_k, adapter_dim=r, adapter_scaling=adapter_scaling)
+    except ValueError as e:
+        raise ConvertError(f"--top_k {top_k}: {e}") from None
+    print(f"{training_output}: LoRA on {len(deltas)} base linears merged; PESC {E} experts, adapter dim {r}, "
+          f"top-{top_k}, scaling {adapter_scaling:g}", flush=True)
+
+    def merged():
+        for name, t, path, key in tensors:
+            if name in deltas:  # the file's values plus the update, in fp32, back to the file's dtype
+                t = (t.float() + deltas.pop(name)).to(t.dtype)
+            yield name, t, path, key
+        for name, (t, key) in adapters.items():
+            yield name, t, os.path.join(training_output, "moe_model.bin"), key
+
+    state = checked(merged(), expected_shapes(config), DTYPES.get(dtype, dtype), cfg_file, source_name)
+    kind = tokenizer_kind(src, config.vocab_size)
+    template = chat_template("qwen2idae" if config.qkv_bias else "camelidae", kind, config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_config_file = tokenizer_config(tmp, src, template)  # the trainer's template, Camelidae's
         extra = tokenizer_files(src) + [(tok_config_file, "tokenizer_config.json")]
         write_checkpoint(out, config.to_dict(), state, max_shard_bytes, extra_files=extra, overwrite=force)
     print(f"wrote {out} (chat template {template})")
@@ -700,16 +882,11 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
     config = hf_config(model.config, dtype)
     print(f"exporting {src} as {config['model_type']} ({config['architectures'][0]})", flush=True)
 
-    tok_config = os.path.join(src, "tokenizer_config.json")
     extra = tokenizer_files(src)
     with tempfile.TemporaryDirectory() as tmp:
-        if os.path.isfile(tok_config):  # the project's chat_template is a name, HF wants Jinja: drop it
-            d = read_json(tok_config)
-            d.pop("chat_template", None)
-            if d:
-                with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                    json.dump(d, f, indent=2)
-                extra.append((os.path.join(tmp, "tokenizer_config.json"), "tokenizer_config.json"))
+        tok_config_file = tokenizer_config(tmp, src, None)  # the project's template name is no Jinja: dropped
+        if tok_config_file is not None:
+            extra.append((tok_config_file, "tokenizer_config.json"))
         write_checkpoint(out, config, hf_tensors(model, dtype), max_shard_bytes,
                          extra_files=extra, overwrite=force)
     print(f"wrote {out}")
@@ -732,10 +909,23 @@ def main(argv=None):
                    help="output dtype (default: the source's)")
     p.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base to use instead of the config's (import only; Camelidae defaults to 10000)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", default=False, **FLAG, help="replace an existing --out")
+    g = p.add_argument_group("the official trainer's output (--src is then the dense base it trained on)")
+    g.add_argument("--training_output", default=None,
+                   help="checkpoint-N of train_moe.py: adapter_model/ (PEFT LoRA) and moe_model.bin")
+    g.add_argument("--top_k", type=int, default=None, help="experts per token (required: not in the files)")
+    g.add_argument("--adapter_scaling", type=float, default=None,
+                   help="the adapters' scaling s, moe_scaling (required: not in the files)")
     args = p.parse_args(argv)
     try:
-        if args.to == "hf":
+        if args.training_output is not None:
+            if args.to == "hf":
+                raise ConvertError("--training_output imports; export the result with a second --to hf call")
+            convert_training_output(args.src, args.training_output, args.out, args.top_k, args.adapter_scaling,
+                                    args.dtype, args.rope_theta, args.force)
+        elif args.top_k is not None or args.adapter_scaling is not None:
+            raise ConvertError("--top_k and --adapter_scaling go with --training_output")
+        elif args.to == "hf":
             if args.rope_theta is not None:
                 raise ConvertError("--rope_theta applies to import only")
             export_hf(args.src, args.out, args.dtype, args.force)

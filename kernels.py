@@ -12,6 +12,11 @@ fp32 inputs, and every dot under the interpreter, use exact IEEE fp32 dots.
     apply_rope            rotary embedding, "halves" (Hugging Face) layout
     linear_cross_entropy  LM head + cross-entropy, chunked over tokens, no (N, V) fp32 logits
     adapter_experts       the PESC adapter experts: sort by expert, grouped GEMMs, combine
+    nf4_dequantize        NF4 (QLoRA format, double-quantized absmaxes) -> compute-dtype weight
+
+Their references, which tests/test_kernels.py holds them equal to, are the code the model runs
+without them: model.rms_norm_torch, model.swiglu_torch, model.apply_rope_torch, model.cross_entropy
+after the LM head, moe.adapter_experts_loop, and quant.dequantize_torch.
 """
 import os
 from types import SimpleNamespace
@@ -142,7 +147,7 @@ class _RMSNorm(torch.autograd.Function):
         BLOCK_D = _pow2(D)
         BLOCK_M = max(1, min(64, 4096 // BLOCK_D))  # ~4K elements per program
         _rms_norm_fwd[(_cdiv(M, BLOCK_M),)](
-            x, residual, weight, h, out, rstd, M, D, eps, HAS_RESIDUAL=residual is not None,
+            x, residual, weight, h, out, rstd, M=M, D=D, eps=eps, HAS_RESIDUAL=residual is not None,
             BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_M * BLOCK_D))
         ctx.save_for_backward(h, weight, rstd)
         ctx.blocks, ctx.dtypes = (BLOCK_M, BLOCK_D), (x.dtype, residual.dtype if residual is not None else None)
@@ -163,7 +168,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(h)
         dw_part = torch.empty(programs, D, dtype=torch.float32, device=h.device) if weight_grad else None
         _rms_norm_bwd[(programs,)](
-            dout, dh, h, weight, rstd, dx, dw_part, M, D, HAS_DH=dh is not None,
+            dout, dh, h, weight, rstd, dx, dw_part, M=M, D=D, HAS_DH=dh is not None,
             WEIGHT_GRAD=weight_grad, X_DTYPE=_TL_DTYPES[x_dtype], BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
             num_warps=_num_warps(BLOCK_M * BLOCK_D))
         dweight = dw_part.sum(0).to(weight.dtype) if weight_grad else None
@@ -213,7 +218,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
         out = torch.empty_like(a)
-        _swiglu_fwd[(_cdiv(a.numel(), _SWIGLU_BLOCK),)](a, b, out, a.numel(), BLOCK=_SWIGLU_BLOCK)
+        _swiglu_fwd[(_cdiv(a.numel(), _SWIGLU_BLOCK),)](a, b, out, n=a.numel(), BLOCK=_SWIGLU_BLOCK)
         ctx.save_for_backward(a, b)
         return out
 
@@ -222,7 +227,7 @@ class _SwiGLU(torch.autograd.Function):
         a, b = ctx.saved_tensors
         da, db = torch.empty_like(a), torch.empty_like(b)
         _swiglu_bwd[(_cdiv(a.numel(), _SWIGLU_BLOCK),)](
-            a, b, dout.contiguous(), da, db, a.numel(), BLOCK=_SWIGLU_BLOCK)
+            a, b, dout.contiguous(), da, db, n=a.numel(), BLOCK=_SWIGLU_BLOCK)
         return da, db
 
 
@@ -263,8 +268,9 @@ def _rope_launch(x, cos, sin, backward):
     out = torch.empty(B, T, H, hd, dtype=x.dtype, device=x.device)
     sc_b = cos.stride(0) if cos.shape[0] > 1 else 0  # batch 1 broadcasts over B
     BLOCK_H, BLOCK_HALF = _pow2(H), _pow2(hd // 2)
-    _rope[(B * T,)](x, cos, sin, out, T, H, hd // 2, *x.stride(), sc_b, cos.stride(1),
-                    BACKWARD=backward, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
+    sx_b, sx_t, sx_h, sx_d = x.stride()
+    _rope[(B * T,)](x, cos, sin, out, T=T, H=H, HALF=hd // 2, sx_b=sx_b, sx_t=sx_t, sx_h=sx_h, sx_d=sx_d,
+                    sc_b=sc_b, sc_t=cos.stride(1), BACKWARD=backward, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
                     num_warps=_num_warps(BLOCK_H * BLOCK_HALF))
     return out
 
@@ -344,8 +350,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[start:start + chunk]
             logits = torch.mm(hc, weight.t(), out=logits_buf[:hc.shape[0]])  # (C, V)
             _cross_entropy[(hc.shape[0],)](
-                logits, targets[start:start + chunk], loss_rows[start:start + chunk], n_valid, V,
-                ignore_index, WITH_GRAD=grad_h or grad_weight, BLOCK_V=BLOCK_V,
+                logits, targets[start:start + chunk], loss_rows[start:start + chunk], n_valid, V=V,
+                ignore_index=ignore_index, WITH_GRAD=grad_h or grad_weight, BLOCK_V=BLOCK_V,
                 num_warps=_num_warps(BLOCK_V))
             # logits now holds d loss / d logits
             if grad_h:
@@ -605,7 +611,7 @@ def _adapter_combine_launch(base, rows, out, K, seed, p, dropout):
     N, D = base.shape
     BLOCK_T, BLOCK_D = 16, min(128, _pow2(D))
     _adapter_combine[(_cdiv(N, BLOCK_T), _cdiv(D, BLOCK_D))](
-        base, rows, out, N, D, K, seed, p, DROPOUT=dropout, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+        base, rows, out, N=N, D=D, K=K, seed=seed, p=p, DROPOUT=dropout, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
 
 
 class _AdapterExperts(torch.autograd.Function):
@@ -625,12 +631,12 @@ class _AdapterExperts(torch.autograd.Function):
 
         z = torch.empty(M, R, dtype=y.dtype, device=y.device)  # pre-GELU activations, sorted rows
         _adapter_down[(grid_m, _cdiv(R, BLOCK_R))](
-            y, down, z, order, block_expert, block_row, expert_end, E, D, R, K, seed, p,
+            y, down, z, order, block_expert, block_row, expert_end, E=E, D=D, R=R, K=K, seed=seed, p=p,
             DROPOUT=p > 0, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_D)
         rows = torch.empty(M, D, dtype=torch.float32, device=y.device)  # s * w * A_e(y), per (token, slot)
         _adapter_rows_out[(grid_m, _cdiv(D, BLOCK_D))](
-            z, up, rows, order, weights, block_expert, block_row, expert_end, E, D, R, scaling,
-            D * R, R, 1, GELU=True, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_D, BLOCK_K=BLOCK_R)
+            z, up, rows, order, weights, block_expert, block_row, expert_end, E=E, D=D, R=R, scaling=scaling,
+            s_e=D * R, s_n=R, s_k=1, GELU=True, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_D, BLOCK_K=BLOCK_R)
         out = torch.empty_like(y)
         _adapter_combine_launch(y, rows, out, K, seed, p, dropout=False)
 
@@ -655,25 +661,26 @@ class _AdapterExperts(torch.autograd.Function):
             dw_part = torch.empty(_cdiv(R, BLOCK_R), M, dtype=torch.float32, device=y.device)
             _adapter_dz[(grid_m, _cdiv(R, BLOCK_R))](
                 dout, up, z, weights, dz, dw_part, order, block_expert, block_row, expert_end,
-                E, M, D, R, K, scaling, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_D)
+                E=E, M=M, D=D, R=R, K=K, scaling=scaling, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_D)
             if need_weights:
                 dweights = dw_part.sum(0).view(N, K).to(weights.dtype)
         if need_y:  # dy = dout + dropout'(sum_j dz @ down[e])
             rows = torch.empty(M, D, dtype=torch.float32, device=y.device)
             _adapter_rows_out[(grid_m, _cdiv(D, BLOCK_D))](
-                dz, down, rows, order, weights, block_expert, block_row, expert_end, E, D, R, scaling,
-                R * D, 1, D, GELU=False, EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_D, BLOCK_K=BLOCK_R)
+                dz, down, rows, order, weights, block_expert, block_row, expert_end, E=E, D=D, R=R,
+                scaling=scaling, s_e=R * D, s_n=1, s_k=D, GELU=False, EXACT=exact, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_D, BLOCK_K=BLOCK_R)
             dy = torch.empty_like(y)
             _adapter_combine_launch(dout, rows, dy, K, seed, p, dropout=p > 0)
         if need_down:
             ddown = torch.empty_like(down)
             _adapter_ddown[(E, _cdiv(R, BLOCK_R), _cdiv(D, BLOCK_D))](
-                dz, y, ddown, order, expert_start, expert_end, D, R, K, seed, p, DROPOUT=p > 0,
+                dz, y, ddown, order, expert_start, expert_end, D=D, R=R, K=K, seed=seed, p=p, DROPOUT=p > 0,
                 EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
         if need_up:
             dup = torch.empty_like(up)
             _adapter_dup[(E, _cdiv(D, BLOCK_D), _cdiv(R, BLOCK_R))](
-                dout, z, weights, dup, order, expert_start, expert_end, D, R, K, scaling,
+                dout, z, weights, dup, order, expert_start, expert_end, D=D, R=R, K=K, scaling=scaling,
                 EXACT=exact, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R)
         return dy, dweights, None, ddown, dup, None, None, None
 
@@ -701,3 +708,50 @@ def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, train
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
     return _AdapterExperts.apply(y.contiguous(), weights.contiguous(), experts.contiguous(), down.contiguous(),
                                  up.contiguous(), float(scaling), p, int(seed or 0))
+
+
+# -----------------------------------------------------------------------------------------------
+# NF4 dequantization (the format is written down in quant.py; the tables come in as tensors)
+
+@_jit
+def _nf4_dequantize(codes_ptr, absmax_ptr, scale_ptr, offset_ptr, levels_ptr, map_ptr, out_ptr,
+                    n, n_bytes, n_blocks, HALF: tl.constexpr, BLOCKS: tl.constexpr,
+                    ABSMAX_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    # One program: BLOCKS quantization blocks of HALF bytes (2 * HALF weights) each.
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,)
+    block_mask = blocks < n_blocks
+    if DOUBLE_QUANT:  # absmax = map[code] * scale + offset, in fp32
+        a_code = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
+        scale = tl.load(scale_ptr + blocks // ABSMAX_BLOCK, mask=block_mask, other=0.0)
+        absmax = tl.load(map_ptr + a_code, mask=block_mask, other=0.0) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
+    byte = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCKS, HALF)
+    packed = tl.load(codes_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    hi = tl.load(levels_ptr + (packed >> 4)) * absmax[:, None]  # element 2 * byte
+    lo = tl.load(levels_ptr + (packed & 15)) * absmax[:, None]  # element 2 * byte + 1
+    tl.store(out_ptr + 2 * byte, hi.to(out_ptr.dtype.element_ty), mask=2 * byte < n)
+    tl.store(out_ptr + 2 * byte + 1, lo.to(out_ptr.dtype.element_ty), mask=2 * byte + 1 < n)
+
+
+def nf4_dequantize(codes, absmax, absmax_scale, absmax_offset, levels, dyn_map, shape, blocksize, dtype,
+                   absmax_blocksize=256):
+    """The weight of `shape` in `dtype` from its NF4 codes and absmaxes (uint8 double-quantized
+    codes with their fp32 scales and offset, or fp32 absmaxes), one pass.
+
+    levels (16,) and dyn_map (256,) are the format's fp32 tables (quant.NF4_LEVELS, DYNAMIC_MAP)."""
+    n = 1
+    for s in shape:
+        n *= s
+    n_blocks = absmax.numel()
+    if codes.dtype != torch.uint8 or codes.numel() != (n + 1) // 2 or n_blocks != _cdiv(n, blocksize):
+        raise ValueError(f"nf4_dequantize: {codes.numel()} {codes.dtype} codes and {n_blocks} absmaxes "
+                         f"do not hold a {tuple(shape)} weight in blocks of {blocksize}")
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    half = blocksize // 2
+    BLOCKS = max(1, min(_pow2(n_blocks), 4096 // half))  # 4 KB of codes per program
+    _nf4_dequantize[(_cdiv(n_blocks, BLOCKS),)](
+        codes, absmax, absmax_scale, absmax_offset, levels, dyn_map, out, n, codes.numel(), n_blocks,
+        HALF=half, BLOCKS=BLOCKS, ABSMAX_BLOCK=absmax_blocksize, DOUBLE_QUANT=absmax.dtype == torch.uint8,
+        num_warps=_num_warps(BLOCKS * half))
+    return out

@@ -2,8 +2,9 @@
 The LLaMA-family decoder (Llama 2, Llama 3/3.1, Mistral, Yi, Qwen1.5/2) in one file.
 
 Read top to bottom: the config and its presets, RMSNorm, RoPE (with its scaling variants),
-attention with an opt-in static KV cache, the SwiGLU FFN, the block, the Transformer, and the
-checkpoint format (config.json + safetensors). The PESC Mixture-of-adapters lives in moe.py and
+the attention mask, attention with an opt-in static KV cache, the SwiGLU FFN, the block, the
+Transformer and what its forward returns, FLOPs/MFU, and the checkpoint format (config.json +
+safetensors). The PESC Mixture-of-adapters lives in moe.py and
 replaces each block's FFN when `config.moe` is set; the Triton kernels in kernels.py replace the
 plain PyTorch math here when `kernels.use_triton(x)` says so (the code below is their twin).
 
@@ -11,9 +12,11 @@ Internal layout: q/k rows are in the Hugging Face "rotate halves" order, so HF c
 as they are and Meta checkpoints are permuted on import (convert.py).
 """
 
+import argparse
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 import moe
+import quant
 from moe import PESCConfig
 
 # -----------------------------------------------------------------------------
@@ -87,7 +91,8 @@ class ModelConfig:
         return cls(**d)
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+# Llama 3.1's RoPE scaling (HF's rope_scaling, Meta's use_scaled_rope)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 PRESETS = {
@@ -99,7 +104,7 @@ PRESETS = {
     "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256,
                        rope_theta=500000.0, max_seq_len=8192),
     "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=_LLAMA3_ROPE),
+                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=LLAMA3_ROPE),
     "mistral-7b-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
                             max_seq_len=32768, sliding_window=4096),
     "mistral-7b-v0.2": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
@@ -131,10 +136,15 @@ class RMSNorm(nn.Module):
         """norm(x), or with a residual: (norm(x + residual), x + residual), fused on GPU."""
         if kernels.use_triton(x):
             return kernels.rms_norm(x, self.weight, self.eps, residual)
-        h = x if residual is None else x + residual
-        hf = h.float()  # the statistics in fp32, as HF and Meta do
-        out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-        return out if residual is None else (out, h)
+        return rms_norm_torch(x, self.weight, self.eps, residual)
+
+
+def rms_norm_torch(x, weight, eps, residual=None):
+    """RMSNorm in plain PyTorch (the reference for kernels.rms_norm), with the optional residual add."""
+    h = x if residual is None else x + residual
+    hf = h.float()  # the statistics in fp32, as HF and Meta do
+    out = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return out if residual is None else (out, h)
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: Optional[int] = None) -> torch.Tensor:
@@ -164,10 +174,31 @@ def rope_inv_freq(config: ModelConfig, seq_len: Optional[int] = None) -> torch.T
     return inv_freq
 
 
+def attention_mask(q_pos, k_pos, q_doc=None, k_doc=None, sliding_window=None):
+    """(B, T, S) bool, True where query t may attend key s: the one attention rule.
+
+    A query sees the keys of its own document (when doc ids are given) whose RoPE position is
+    not after its own and, with a sliding window, fewer than sliding_window positions before.
+    Positions count from each document's start, one per token, so within a document "not after
+    by position" is "not after by slot". q_pos, q_doc: (B or 1, T); k_pos, k_doc: (B or 1, S)."""
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    visible = kp <= qp
+    if q_doc is not None:
+        visible = visible & (q_doc[..., :, None] == k_doc[..., None, :])
+    if sliding_window is not None:
+        visible = visible & (qp - kp < sliding_window)
+    return visible
+
+
 def apply_rope(x, cos, sin):
     """Rotate halves (HF layout). x: (B, T, H, hd); cos, sin: (B or 1, T, hd//2) fp32."""
     if kernels.use_triton(x):
         return kernels.apply_rope(x, cos, sin)
+    return apply_rope_torch(x, cos, sin)
+
+
+def apply_rope_torch(x, cos, sin):
+    """apply_rope in plain PyTorch (the reference for kernels.apply_rope), in fp32."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -225,13 +256,18 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
 
-    def forward(self, x, valid=None):  # valid: unused here; the PESC layer shares this call
+    def forward(self, x):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 def swiglu(a, b):
     if kernels.use_triton(a):
         return kernels.swiglu(a, b)
+    return swiglu_torch(a, b)
+
+
+def swiglu_torch(a, b):
+    """silu(a) * b in plain PyTorch (the reference for kernels.swiglu)."""
     return F.silu(a) * b
 
 
@@ -243,14 +279,38 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, input_pos=None, valid=None):
+    def forward(self, x, cos, sin, mask, input_pos=None, valid=None, moe_config=None):
+        """(output, the PESC layer's moe.RouterTerms or None); moe_config: the model's config.moe."""
         a = self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         hn, h = self.ffn_norm(a, residual=x)  # hn = norm(x + a), h = x + a
-        return h + self.feed_forward(hn, valid)
+        if moe_config is None:
+            return h + self.feed_forward(hn), None
+        out, router = self.feed_forward(hn, moe_config, valid)
+        return h + out, router
 
 
 # -----------------------------------------------------------------------------
 # The model
+
+
+class ModelOutput(tuple):
+    """What the forward computed. As a tuple it is (logits, loss), so `logits, loss = model(idx,
+    targets)` unpacks and `model(idx)[0]` is the logits; the parts of the loss come by name.
+
+    loss: the training objective, lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+      (the only place the terms are added); None without targets.
+    lm_loss: the mean next-token cross-entropy; None without targets.
+    aux_loss, z_loss: the router's load-balancing and z-loss, unweighted, mean over layers;
+    expert_load: (L, E) token assignments per layer and expert. All three None for a dense model."""
+
+    def __new__(cls, logits, loss=None, lm_loss=None, router=None):
+        out = super().__new__(cls, (logits, loss))
+        out.lm_loss = lm_loss
+        out.aux_loss, out.z_loss, out.expert_load = router if router is not None else (None, None, None)
+        return out
+
+    logits = property(lambda self: self[0])
+    loss = property(lambda self: self[1])
 
 
 class Transformer(nn.Module):
@@ -264,38 +324,45 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.cache_len = 0
+        # With the KV cache: the RoPE position and document of the token in each cache slot,
+        # (batch, slots); what attention_mask compares a query with. None: no cache.
+        self.register_buffer("slot_positions", None, persistent=False)
+        self.register_buffer("slot_doc_ids", None, persistent=False)
         if config.moe is not None:  # a PESC model: every FFN becomes a mixture of adapters
             moe.upcycle(self, config.moe)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
-        """Allocate a static KV cache; afterwards call model(idx, input_pos=pos)."""
+        """Allocate a static KV cache of max_seq_len slots; afterwards call model(idx, input_pos=pos)."""
         w = self.output.weight
         for layer in self.layers:
             a = layer.attention
             a.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
-        self.cache_len = max_seq_len
+        # an empty slot holds the largest position: no query is at or after it, so none sees it
+        shape = (max_batch_size, max_seq_len)
+        self.slot_positions = torch.full(shape, torch.iinfo(torch.long).max, dtype=torch.long, device=w.device)
+        self.slot_doc_ids = torch.zeros(shape, dtype=torch.long, device=w.device)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self.cache_len = 0
+        self.slot_positions = self.slot_doc_ids = None
 
-    def forward(self, idx, targets=None, input_pos=None, *, positions=None, mask=None, valid=None):
-        """Return (logits, loss).
+    def forward(self, idx, targets=None, input_pos=None, *, positions=None, doc_ids=None, valid=None):
+        """Return a ModelOutput: (logits, loss) as a tuple, the loss's parts by name.
 
         idx: (B, T) token ids. targets: (B, T), -100 = ignored. input_pos: (T,) positions of
         idx's columns, required with the KV cache (they are the cache slots written).
         Optional, for packed rows and padded batches:
-          positions (B, T): RoPE positions per row (default: input_pos, or 0..T-1);
-          mask (B, T, S) bool, True where a query may attend a key (S = T, or the cache length);
-            it replaces the causal/sliding-window mask, so it must be causal itself;
+          positions (B, T): RoPE positions per row, from 0 at each document's start (default:
+            input_pos, or 0..T-1);
+          doc_ids (B, T): the document of each token; attention stays inside a document
+            (attention_mask has the whole rule). With the cache they are recorded per slot.
           valid (B, T) bool: real (non-padding) tokens, so padding does not count in the
             MoE load-balancing statistics.
         logits are (B, T, vocab); with targets and the fused LM-head loss they are None.
         """
         B, T = idx.shape
-        cached = self.cache_len > 0
+        cached = self.slot_positions is not None
         if cached and input_pos is None:
             raise ValueError("with a KV cache, pass input_pos (the positions of idx's columns)")
         if input_pos is None:
@@ -308,41 +375,55 @@ class Transformer(nn.Module):
             inv_freq = rope_inv_freq(self.config, int(positions.max()) + 1).to(idx.device)
         freqs = positions[..., None].float() * inv_freq  # (B or 1, T, hd/2)
         cos, sin = freqs.cos(), freqs.sin()
-
-        if mask is None and (cached or self.config.sliding_window is not None):
-            q_pos = input_pos[:, None]
-            k_pos = torch.arange(self.cache_len if cached else T, device=idx.device)[None, :]
-            mask = k_pos <= q_pos
-            if self.config.sliding_window is not None:
-                mask = mask & (k_pos > q_pos - self.config.sliding_window)
-        elif mask is not None and not cached and self.config.sliding_window is not None:
-            # a caller's mask (packed rows) gets the window too, measured in RoPE positions
-            mask = mask & (positions[:, :, None] - positions[:, None, :] < self.config.sliding_window)
-        if mask is not None and mask.dim() == 3:
-            mask = mask[:, None]  # (B, 1, T, S): broadcast over heads
+        mask = self._mask(B, positions, doc_ids, input_pos if cached else None)
 
         h = self.tok_embeddings(idx)
+        per_layer = []
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, input_pos if cached else None, valid)
+            h, router = layer(h, cos, sin, mask, input_pos if cached else None, valid, self.config.moe)
+            per_layer.append(router)
         h = self.norm(h)
+        router = moe.mean_router_terms(per_layer) if self.config.moe is not None else None
 
         if targets is None:
-            return self.output(h), None
+            return ModelOutput(self.output(h), router=router)
         if kernels.use_triton(h):  # chunked LM head + loss: no (tokens, vocab) logits in memory
             logits = None
-            loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
+            lm_loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
         else:
             logits = self.output(h)
-            loss = cross_entropy(logits, targets)
-        if self.config.moe is not None:
-            loss = loss + moe.auxiliary_loss(self)
-        return logits, loss
+            lm_loss = cross_entropy(logits, targets)
+        loss = lm_loss
+        if router is not None:
+            c = self.config.moe
+            loss = lm_loss + c.aux_loss_coef * router.aux_loss + c.z_loss_coef * router.z_loss
+        return ModelOutput(logits, loss, lm_loss, router)
+
+    def _mask(self, B, positions, doc_ids, cache_slots):
+        """attention_mask for this call as (B, 1, T, S), or None for plain causal attention over
+        the call's own tokens (SDPA's flash path). With the cache, this call's tokens are
+        recorded in their slots first, and the keys are all slots."""
+        window = self.config.sliding_window
+        if cache_slots is not None:
+            T = cache_slots.numel()
+            docs = torch.zeros_like(positions) if doc_ids is None else doc_ids
+            self.slot_positions[:B, cache_slots] = positions.expand(B, T)
+            self.slot_doc_ids[:B, cache_slots] = docs.expand(B, T)
+            mask = attention_mask(positions, self.slot_positions[:B], docs, self.slot_doc_ids[:B], window)
+        elif doc_ids is None and window is None:
+            return None
+        else:
+            mask = attention_mask(positions, positions, doc_ids, doc_ids, window)
+        return mask[:, None]  # broadcast over heads
 
     # -- sizes, FLOPs, MFU ------------------------------------------------------
 
     def num_params(self, trainable_only: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}.values()  # a tied weight counts once
-        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        n = sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        if not trainable_only:  # NF4 base weights are buffers, frozen
+            n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, quant.NF4Linear))
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """FLOPs of one training step per token (forward + backward).
@@ -354,11 +435,13 @@ class Transformer(nn.Module):
         that backward (the causal half is not discounted, as in PaLM's formula)."""
         flops = 0.0
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, quant.NF4Linear):  # frozen: forward and input gradient only
+                flops += 4 * m.in_features * m.out_features
+            elif isinstance(m, nn.Linear) and m.weight is not None:  # (a LoRA over NF4 has none)
                 n = m.weight.numel()
                 flops += (6 if m.weight.requires_grad else 4) * n
             elif isinstance(m, moe.PESCFeedForward):
-                n = m.active_adapter_params()
+                n = m.active_adapter_params(self.config.moe.top_k)
                 flops += 6 * n  # adapters are always trained
             if isinstance(m, moe.LoRALinear):
                 flops += 6 * (m.lora_a.numel() + m.lora_b.numel())
@@ -367,21 +450,27 @@ class Transformer(nn.Module):
         return flops
 
     def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak."""
+        """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak (see peak_flops)."""
         return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     # -- checkpoints -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, mmap=False):
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None, mmap=False):
         """Load a project checkpoint directory strictly: every tensor present, known, well shaped.
 
         The model is built on the meta device and the loaded tensors are assigned into it, so
-        loading never holds two copies of the weights. mmap=True (CPU, no dtype) leaves the tensors
-        mapped from the files: nothing is read until touched, so a process that copies out only
-        a shard of each tensor (FSDP) never has the whole model resident."""
+        loading never holds two copies of the weights. quantize="nf4" stores the seven base
+        linears of every layer (q, k, v, o, gate, up, down) in NF4 (quant.py) as each tensor
+        streams in, so the full-precision base is never in memory at once; dtype then applies to
+        the other tensors (embeddings, norms, LM head, biases, routers, adapters, LoRA).
+        mmap=True (CPU) leaves the other tensors mapped from the files: nothing is read until
+        touched, so a process that copies out only a shard of each tensor (FSDP) never has the
+        whole model resident."""
         from safetensors import safe_open
 
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={quantize!r}: expected None or 'nf4'")
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file}: no config.json, not a project checkpoint")
@@ -395,29 +484,38 @@ class Transformer(nn.Module):
 
         files = checkpoint_files(path)
         device = torch.device(device or "cpu")
-        state, where = {}, {}
+        state, where, packed = {}, {}, {}
         for fname in files:
-            if mmap:
-                for key, t in mmap_safetensors(fname).items():
-                    if key not in expected:
-                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config")
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                         f"config expects {tuple(expected[key].shape)}")
-                    state[key], where[key] = t, fname
-                continue
+            mapped = mmap_safetensors(fname) if mmap else None
             with safe_open(fname, framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if key not in expected:
-                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config")
-                    t = f.get_tensor(key)
+                        quantized = any(s in key for s in (".absmax", ".quant_map", ".quant_state", ".SCB"))
+                        raise KeyError(f"{fname}: unexpected tensor {key!r} for this config"
+                                       + (" (the checkpoint is already quantized; load the full-precision "
+                                          "base)" if quantized else ""))
+                    t = mapped[key] if mapped is not None else f.get_tensor(key)
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"config expects {tuple(expected[key].shape)}")
-                    state[key], where[key] = t.to(dtype) if dtype is not None else t, fname
-        missing = sorted(set(expected) - set(state))
+                    if quantize and _QUANTIZED_KEY.fullmatch(key):
+                        if not t.is_floating_point():
+                            raise ValueError(f"{fname}: {key!r} is {t.dtype}, already quantized; "
+                                             f"quantize='nf4' needs the full-precision base")
+                        packed[key] = quant.quantize_nf4(t)  # t is dropped here: one tensor at a time
+                    else:
+                        state[key] = t.to(dtype) if dtype is not None else t
+                    where[key] = fname
+        missing = sorted(set(expected) - set(where))
         if missing:
             raise KeyError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for key, p in packed.items():  # the meta nn.Linear gives way to the NF4 linear
+            parent, name = key[:-len(".weight")].rsplit(".", 1)
+            module = model.get_submodule(parent)
+            if type(getattr(module, name)) is not nn.Linear:
+                raise ValueError(f"{where[key]}: {key!r} carries unmerged LoRA; merge it into the base "
+                                 f"(moe.merge_lora, then save_pretrained) before loading with quantize='nf4'")
+            setattr(module, name, quant.NF4Linear(p, getattr(module, name).bias))
         if config.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -437,8 +535,28 @@ class Transformer(nn.Module):
         write_checkpoint(path, self.config.to_dict(), state, max_shard_bytes)
 
 
+# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device=None):
+    """The bf16 peak FLOP/s of a CUDA device from PEAK_FLOPS, or None (a CPU, an unlisted GPU)."""
+    if torch.device(device or "cpu").type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LORA_TARGETS),
+# never embeddings, norms, the LM head, routers or adapters.
+_QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"
+                            % "|".join(moe.LORA_TARGETS.values()))
+
+
 def cross_entropy(logits, targets, ignore_index=-100):
-    """Mean cross-entropy over targets != ignore_index (0 when there are none, not NaN)."""
+    """Mean cross-entropy over targets != ignore_index (0 when there are none, not NaN).
+
+    After the LM head (F.linear) this is the reference for kernels.linear_cross_entropy."""
     logits = logits.reshape(-1, logits.size(-1)).float()
     targets = targets.reshape(-1)
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
@@ -570,3 +688,18 @@ def replace_dir(tmp, path):
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The command lines' one convention for a boolean option: --x, --x true, --x false
+
+
+def str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+FLAG = dict(type=str2bool, nargs="?", const=True)  # p.add_argument("--x", default=False, **FLAG)

@@ -1,5 +1,5 @@
 """
-PESC: Parameter-Efficient Sparsity Crafting (Wu, Zheng, Yu 2024), the math of SPEC.md section 1.
+PESC: Parameter-Efficient Sparsity Crafting (Wu, Zheng, Yu 2024, arXiv 2401.02731), in plain PyTorch.
 
 Every dense SwiGLU FFN stays, frozen, and is computed once per token: y = W2(silu(W1 x) * W3 x).
 A router reads the FFN input x, picks the top-k of E experts (softmax over the k chosen logits),
@@ -11,18 +11,24 @@ Upcycling sets every U_e to zero, so the PESC model starts as exactly the dense 
 routers and adapters (and optional LoRA on the base linears) are trained. The load-balancing
 loss is the Switch Transformer one (not the constant that the official code computes).
 
+The PESC settings have one home, the model's `config.moe`: a PESC layer is built from it and
+receives it with every call, so changing a training knob (dropout, loss weights) cannot leave a
+stale copy behind. `set_trainable` alone decides which tensors train in each training mode.
+
 This module never imports model.py: `upcycle` works on the model instance it is given.
 """
 
 import math
 import threading
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import quant
 
 
 @dataclass
@@ -89,7 +95,8 @@ def route(logits, top_k: int):
 
 
 def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """Reference: the official algorithm, one boolean mask per expert.
+    """Reference: the official algorithm, one boolean mask per expert. The sorted, gathered and
+    Triton paths are all tested against this one.
 
     y: (N, D) FFN output; weights, experts: (N, k); down: (E, r, D); up: (E, D, r)."""
     N, k = experts.shape
@@ -255,48 +262,57 @@ def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, train
 
 
 class PESCFeedForward(nn.Module):
-    """The frozen dense FFN, shared by E adapter experts picked by a top-k router."""
+    """The frozen dense FFN, shared by E adapter experts picked by a top-k router.
+
+    Built from a PESCConfig (E and r are then the tensors' shapes) and called with it, the
+    model's config.moe: forward(x, config, valid) -> (out, RouterTerms of this layer)."""
 
     def __init__(self, ffn: nn.Module, config: PESCConfig):
         super().__init__()
-        self.config = config
         self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3  # keep the dense names and tensors
         dim = self.w1.in_features
         E, r = config.num_experts, config.adapter_dim
-        w = self.w1.weight
-        self.router = nn.Linear(dim, E, bias=False, device=w.device, dtype=w.dtype)
-        self.adapter_down = nn.Parameter(torch.empty(E, r, dim, device=w.device, dtype=w.dtype))  # D_e
-        self.adapter_up = nn.Parameter(torch.zeros(E, dim, r, device=w.device, dtype=w.dtype))  # U_e = 0
+        nf4 = isinstance(self.w1, quant.NF4Linear)  # QLoRA: the adapters take the dtype it came from
+        device, dtype = (self.w1.codes.device, self.w1.dtype) if nf4 else (self.w1.weight.device, self.w1.weight.dtype)
+        self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
+        self.adapter_down = nn.Parameter(torch.empty(E, r, dim, device=device, dtype=dtype))  # D_e
+        self.adapter_up = nn.Parameter(torch.zeros(E, dim, r, device=device, dtype=dtype))  # U_e = 0
         # D_e as nn.Linear(dim, r) would be: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(dim), 1/sqrt(dim))
         bound = 1 / math.sqrt(dim)
         nn.init.uniform_(self.adapter_down, -bound, bound)
-        self.stats = None  # (aux_loss, z_loss, load) of the last forward, for the loss and logs
 
-    def forward(self, x, valid=None):
+    def forward(self, x, config: PESCConfig, valid=None):
         B, T, D = x.shape
         a, b = self.w1(x), self.w3(x)
         h = kernels.swiglu(a, b) if kernels.use_triton(a) else F.silu(a) * b
         y = self.w2(h).view(B * T, D)  # the shared FFN, once per token
 
         logits = self.router(x.view(B * T, D))  # (N, E)
-        weights, experts = route(logits, self.config.top_k)  # (N, k)
-        c = self.config
+        weights, experts = route(logits, config.top_k)  # (N, k)
         out = adapter_experts(y, weights, experts, self.adapter_down, self.adapter_up,
-                              c.adapter_scaling, c.adapter_dropout, self.training)
-        self.stats = router_losses(logits, experts, None if valid is None else valid.reshape(-1))
-        return out.view(B, T, D)
+                              config.adapter_scaling, config.adapter_dropout, self.training)
+        terms = router_losses(logits, experts, None if valid is None else valid.reshape(-1))
+        return out.view(B, T, D), terms
 
-    def active_adapter_params(self) -> float:
-        """Adapter weights one token uses (k of E experts) plus the router, for FLOP counts."""
-        E, k = self.config.num_experts, self.config.top_k
-        return (self.adapter_down.numel() + self.adapter_up.numel()) * k / E + self.router.weight.numel()
+    def active_adapter_params(self, top_k: int) -> float:
+        """Adapter weights one token uses (top_k of E experts) plus the router, for FLOP counts."""
+        E = self.adapter_down.shape[0]
+        return (self.adapter_down.numel() + self.adapter_up.numel()) * top_k / E + self.router.weight.numel()
 
 
 # -----------------------------------------------------------------------------
 # Load balancing
 
 
-def router_losses(logits, experts, valid=None):
+class RouterTerms(NamedTuple):
+    """The router's load-balancing terms, unweighted: one layer's, or their mean over layers."""
+
+    aux_loss: torch.Tensor  # () Switch Transformer loss, 1.0 at perfect balance
+    z_loss: torch.Tensor  # () ST-MoE router z-loss
+    load: torch.Tensor  # (E,) token assignments per expert, or (L, E) per layer; no gradient
+
+
+def router_losses(logits, experts, valid=None) -> RouterTerms:
     """Switch Transformer load-balancing loss, ST-MoE z-loss and the expert load of one layer.
 
     aux = E * sum_i f_i * P_i, f_i = share of (token, slot) assignments that went to expert i,
@@ -312,25 +328,18 @@ def router_losses(logits, experts, valid=None):
     P = (probs * m[:, None]).sum(0) / n
     aux = E * (f * P).sum()
     z = (torch.logsumexp(logits.float(), dim=-1).pow(2) * m).sum() / n
-    return aux, z, load.detach()
+    return RouterTerms(aux, z, load.detach())
+
+
+def mean_router_terms(per_layer) -> RouterTerms:
+    """The model's terms from each layer's: aux and z averaged over layers, loads stacked (L, E)."""
+    return RouterTerms(torch.stack([t.aux_loss for t in per_layer]).mean(),
+                       torch.stack([t.z_loss for t in per_layer]).mean(),
+                       torch.stack([t.load for t in per_layer]))
 
 
 def pesc_layers(model):
     return [m for m in model.modules() if isinstance(m, PESCFeedForward)]
-
-
-def auxiliary_loss(model):
-    """aux_loss_coef * mean-over-layers aux + z_loss_coef * mean z, from the last forward.
-
-    Also leaves the unweighted terms and their weighted sum in model.router_stats for the logs."""
-    layers = pesc_layers(model)
-    aux = torch.stack([m.stats[0] for m in layers]).mean()
-    z = torch.stack([m.stats[1] for m in layers]).mean()
-    c = layers[0].config
-    weighted = c.aux_loss_coef * aux + c.z_loss_coef * z
-    model.router_stats = {"aux_loss": aux.detach(), "z_loss": z.detach(), "weighted": weighted.detach(),
-                          "load": torch.stack([m.stats[2] for m in layers])}  # (L, E) token counts
-    return weighted
 
 
 # -----------------------------------------------------------------------------
@@ -338,45 +347,67 @@ def auxiliary_loss(model):
 
 
 class LoRALinear(nn.Linear):
-    """A frozen nn.Linear plus a trainable low-rank update: W x + (alpha/r) B A dropout(x)."""
+    """A frozen base linear plus a trainable low-rank update: base(x) + (alpha/r) B A dropout(x).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    The base is an nn.Linear, whose weight and bias become this module's (state-dict keys
+    unchanged), or a quant.NF4Linear (QLoRA), kept whole as `.base`: its NF4 weight has no
+    state-dict key. The LoRA tensors start in the base weight's dtype."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # same tensors: state-dict keys unchanged
-        w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        if isinstance(base, quant.NF4Linear):
+            self.base, self.weight, self.bias = base, None, None
+            device, dtype = base.codes.device, base.dtype
+        else:
+            self.base = None
+            self.weight, self.bias = base.weight, base.bias  # same tensors: state-dict keys unchanged
+            device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # B = 0: starts as the base linear
         self.scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)
+        base = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
+        # in x's dtype: a no-op for a full-precision base; fp32 LoRA beside a bf16-computing NF4 base
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return base + self.scale * lora.to(base.dtype)
 
 
 def add_lora(model, targets, rank: int, alpha: float, dropout: float):
-    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA."""
+    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA;
+    a base linear may be full precision (nn.Linear) or NF4 (quant.NF4Linear)."""
     names = {LORA_TARGETS[t] for t in targets}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if name in names and type(child) is nn.Linear:
+            if name in names and type(child) in (nn.Linear, quant.NF4Linear):
                 setattr(module, name, LoRALinear(child, rank, alpha, dropout))
     return model
 
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every LoRA update into its base weight and drop the LoRA tensors (in place)."""
+    """Fold every LoRA update into its base weight and drop the LoRA tensors (in place).
+
+    An NF4 base becomes a full-precision nn.Linear (dequantized weight + update, in the LoRA's
+    dtype): the sum is not on the NF4 grid. To merge into the original base instead, add the
+    update to the base's file tensors, as train.py's export does."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 delta = child.scale * (child.lora_b.float() @ child.lora_a.float())
-                child.weight += delta.to(child.weight.dtype)
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
+                if child.base is not None:
+                    nf4 = child.base
+                    weight = nn.Parameter((quant.dequantize_nf4(nf4.packed) + delta.to(nf4.codes.device))
+                                          .to(child.lora_a.dtype), requires_grad=False)
+                    bias = nf4.bias
+                else:
+                    child.weight += delta.to(child.weight.dtype)
+                    weight, bias = child.weight, child.bias
+                plain = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
+                plain.weight, plain.bias = weight, bias
                 setattr(module, name, plain)
     if getattr(model.config, "moe", None) is not None:
         model.config = replace(model.config, moe=replace(model.config.moe, lora_rank=0))
@@ -391,20 +422,42 @@ def upcycle(model, config: PESCConfig):
     """Turn a dense model into a PESC model, in place, and return it.
 
     Each FFN becomes a PESCFeedForward holding the same (now frozen) weights; the adapters'
-    up-projections start at zero, so the logits are exactly the dense model's. Afterwards only
-    routers, adapters (and LoRA, when config.lora_rank > 0) require grad."""
+    up-projections start at zero, so the logits are exactly the dense model's. LoRA wraps the
+    base linears when config.lora_rank > 0. Afterwards set_trainable(model, "pesc") holds."""
     for layer in model.layers:
         if isinstance(layer.feed_forward, PESCFeedForward):
             raise ValueError("model is already a PESC model")
         layer.feed_forward = PESCFeedForward(layer.feed_forward, config)
-    for p in model.parameters():
-        p.requires_grad_(False)
     if config.lora_rank > 0:
         add_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
-    for m in pesc_layers(model):
-        for p in (m.router.weight, m.adapter_down, m.adapter_up):
-            p.requires_grad_(True)
     model.config = replace(model.config, moe=config)
+    return set_trainable(model, "pesc")
+
+
+TRAIN_MODES = ("pesc", "lora", "full")
+
+
+def set_trainable(model, mode: str):
+    """Which tensors train, per training mode, in place; returns the model.
+
+    pesc: the routers, the adapters and any LoRA; lora (the dense baseline): the LoRA only;
+    full: everything. Everything else is frozen."""
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown training mode {mode!r}; known: {', '.join(TRAIN_MODES)}")
+    if mode == "pesc" and not pesc_layers(model):
+        raise ValueError("mode pesc needs a PESC model (upcycle the dense one first)")
+    if mode == "lora" and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("mode lora needs LoRA on the base linears (add_lora first)")
+    model.requires_grad_(mode == "full")
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            trained = (m.lora_a, m.lora_b)
+        elif isinstance(m, PESCFeedForward) and mode == "pesc":
+            trained = (m.router.weight, m.adapter_down, m.adapter_up)
+        else:
+            continue
+        for p in trained:
+            p.requires_grad_(True)
     return model
 
 
@@ -412,5 +465,6 @@ def trainable_report(model) -> str:
     """'trainable 12,345 of 6,789,012 parameters (0.18%)'."""
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.NF4Linear))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

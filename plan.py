@@ -98,8 +98,8 @@ def saved_activations(model, batch, seq_len, packed=True):
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             idx = torch.zeros(batch, seq_len, dtype=torch.long)
             kw = {"valid": torch.ones(batch, seq_len, dtype=torch.bool)}
-            if packed:  # train.py packs several examples per row: a (B, T, T) mask and positions
-                kw["mask"] = torch.ones(batch, seq_len, seq_len, dtype=torch.bool)
+            if packed:  # train.py packs several examples per row: the model builds a (B, T, T) mask
+                kw["doc_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
                 kw["positions"] = torch.zeros(batch, seq_len, dtype=torch.long)
             model(idx, idx, **kw)
     finally:

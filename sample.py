@@ -7,8 +7,9 @@ Sample from a project checkpoint, dense or PESC: text completion or chat, stream
 
 From Python, `generate(model, idx, max_new_tokens, ...)` runs a batch of prompts of any lengths
 through the model's KV cache: the prompts are left-padded to one length, every row gets its own
-RoPE positions, and an attention mask hides the padding, so each row computes what it would
-alone. One prefill pass fills the cache, then one token per step (the step --compile compiles).
+RoPE positions, and the prompt is one document that the padding is not part of
+(model.attention_mask), so each row computes what it would alone. One prefill pass fills the
+cache, then one token per step (the step --compile compiles).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import time
 import torch
 
 import moe
-from model import Transformer
+from model import FLAG, Transformer
 from tokenizer import TEMPLATES, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,12 +62,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # Generation with the KV cache
 
 
-def decode_step(model, x, input_pos, positions, mask):
+def decode_step(model, x, input_pos, positions):
     """One token per row through the cached model: x (B, 1) -> next-token logits (B, vocab).
 
     This is what --compile compiles: its shapes stay the same from one token to the next."""
-    logits, _ = model(x, input_pos=input_pos, positions=positions, mask=mask)
-    return logits[:, -1]
+    return model(x, input_pos=input_pos, positions=positions).logits[:, -1]
 
 
 @torch.no_grad()
@@ -82,7 +82,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     prompt and its generated ids.
     Sampling is sample_next's (temperature 0 = greedy). vocab_size: sample only ids below it
     (for a tokenizer smaller than the model's padded embedding). on_token(ids) is called with
-    each step's (B,) new ids (pad_id for finished rows), e.g. to stream them. decode_fn is the
+    each step's (B,) new ids (pad_id for finished rows), e.g. to stream them; when it returns
+    True, generation ends after that step. decode_fn is the
     one-token step: decode_step or a compiled version of it.
     Put the model in eval mode first (PESC adapters have dropout). The model's KV cache is set
     up for B rows of P + max_new_tokens slots and removed on return.
@@ -106,24 +107,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,) padding on the left
     slots = torch.arange(S, device=device)
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) RoPE position of each slot
-    real = slots[None, :] >= pad[:, None]  # (B, S) prompt and generated tokens, not padding
-    window = model.config.sliding_window
-
-    def attention_mask(q):
-        """(B, T, S): a query slot sees the real keys at or before it (within the window)."""
-        q, k = q[None, :, None], slots[None, None, :]
-        visible = (k <= q) & real[:, None, :]
-        if window is not None:  # the slot distance is the position distance: same offset per row
-            visible = visible & (k > q - window)
-        return visible | (k == q)  # a padding query sees itself: no all-False row, no NaN
+    real = slots[None, :P] >= pad[:, None]  # (B, P) prompt tokens, not padding
 
     stop = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     model.setup_cache(B, S)
     try:
-        prompt = torch.where(real[:, :P], tokens[:, :P], 0)  # padding enters as id 0, masked out
-        logits, _ = model(prompt, input_pos=slots[:P], positions=positions[:, :P],
-                          mask=attention_mask(slots[:P]), valid=real[:, :P])
+        prompt = torch.where(real, tokens[:, :P], 0)  # padding enters as id 0
+        # the prompt is document 0; each padding slot a document of its own, which sees only itself
+        doc_ids = torch.where(real, 0, -1 - slots[:P])
+        logits = model(prompt, input_pos=slots[:P], positions=positions[:, :P], doc_ids=doc_ids, valid=real).logits
         logits = logits[:, -1]  # (B, vocab): the last column is a real token in every row
         end = P
         for t in range(P, S):
@@ -134,12 +127,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             tokens[:, t] = next_ids
             finished |= torch.isin(next_ids, stop)
             end = t + 1
-            if on_token is not None:
-                on_token(next_ids)
+            if on_token is not None and on_token(next_ids):
+                break  # the caller has what it needs (eval.py: a stop string in every row)
             if t + 1 == S or (len(stop) and bool(finished.all())):
                 break
             x = torch.where(finished, 0, next_ids)[:, None]  # finished rows run on, ignored
-            logits = decode_fn(model, x, slots[t:t + 1], positions[:, t:t + 1], attention_mask(slots[t:t + 1]))
+            logits = decode_fn(model, x, slots[t:t + 1], positions[:, t:t + 1])  # document 0
     finally:
         model.clear_cache()
     return tokens[:, :end]
@@ -181,8 +174,9 @@ def record_experts(model):
     best first, computed from the router logits the layer itself routed with (moe.route)."""
     layers = moe.pesc_layers(model)
     chosen = [None] * len(layers)
+    k = model.config.moe.top_k
     for i, ff in enumerate(layers):
-        def hook(router, inputs, logits, i=i, k=ff.config.top_k):
+        def hook(router, inputs, logits, i=i):
             chosen[i] = moe.route(logits, k)[1]
         ff.router.register_forward_hook(hook)
     return chosen
@@ -266,7 +260,7 @@ def main(argv=None):
     p.add_argument("--prompt", default=None,
                    help="text, FILE:path, or - to read stdin (default: none, i.e. BOS alone; with --chat in a "
                         "terminal, ask)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template; converse in a terminal")
+    p.add_argument("--chat", default=False, **FLAG, help="wrap the prompt in the chat template; converse in a terminal")
     p.add_argument("--template", default=None, choices=TEMPLATES, help="chat template (default: the checkpoint's)")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -277,8 +271,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--show_experts", action="store_true", help="PESC: print the experts each generated token used")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="nf4: hold the base linears in 4-bit NF4 (quant.py), quantized while loading")
+    p.add_argument("--compile", default=False, **FLAG, help="torch.compile the one-token decode step")
+    p.add_argument("--show_experts", default=False, **FLAG, help="PESC: print the experts each generated token used")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
@@ -296,13 +292,15 @@ def main(argv=None):
     else:
         dtype = torch.float32
     t0 = time.perf_counter()
-    model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype).eval()
+    model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype, quantize=args.quantize).eval()
     tokenizer = Tokenizer(args.ckpt, template=args.template)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"{args.ckpt}: the tokenizer has {tokenizer.vocab_size} ids but the model's embedding "
                          f"only {model.config.vocab_size}")
     c = model.config
     kind = (f"PESC {c.moe.num_experts} experts top-{c.moe.top_k}" if c.moe is not None else "dense")
+    if args.quantize:
+        kind += f", base linears in {args.quantize}"
     log(f"loaded {args.ckpt}: {model.num_params():,} parameters, {kind}, {str(dtype)[6:]} on {device}, "
         f"{tokenizer.kind} tokenizer, in {time.perf_counter() - t0:.1f} s")
 

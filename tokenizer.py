@@ -8,8 +8,10 @@ Three kinds of tokenizer file, told apart by their content, never by their name:
 - "bpe": byte-level BPE from vocab.json + merges.txt (Qwen, so Qwen2idae), run by tiktoken with
   the token ids as BPE ranks.
 Text a user gives is never parsed for special tokens: "<|eot_id|>" typed in a prompt stays text.
-Chat templates ("camelidae", "llama2", "llama3", "chatml") insert their special tokens as ids and
-return a target mask that is True exactly on the tokens a model must learn to produce.
+Chat templates ("camelidae", "llama2", "llama3", "chatml") are the table CHAT_TEMPLATES of one
+small function each: a conversation -> parts (special-token ids and text, each marked target or
+not); Tokenizer.encode_chat encodes the parts into ids and a target mask that is True exactly on
+the tokens a model must learn to produce.
 """
 
 import base64
@@ -25,7 +27,6 @@ import tiktoken
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
-TEMPLATES = ("camelidae", "llama2", "llama3", "chatml")
 DEFAULT_TEMPLATE = {"tiktoken": "llama3", "bpe": "chatml", "sentencepiece": "llama2"}
 # Tokens that end a generation whenever a tokenizer has them (the eos id always does).
 STOP_NAMES = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
@@ -68,6 +69,32 @@ def tokenizer_files(src):
     if not os.path.isfile(os.path.join(src, "tokenizer.model")) and os.path.isfile(nested):
         files.append((nested, "tokenizer.model"))
     return files
+
+
+def write_tokenizer_config(out_dir, src_dir=None, chat_template=None, keep_src_template=False):
+    """Write out_dir/tokenizer_config.json, the file that names a checkpoint's chat template.
+
+    It starts from src_dir's tokenizer_config.json when there is one (its added tokens and other
+    keys stay). chat_template: a name from TEMPLATES, which replaces src's unless
+    keep_src_template and src has one; None removes the key (an HF export: HF wants Jinja there).
+    Returns the file's path, or None when there is nothing to write."""
+    config = {}
+    src_file = os.path.join(src_dir, "tokenizer_config.json") if src_dir else None
+    if src_file and os.path.isfile(src_file):
+        config = read_json(src_file)
+        if not isinstance(config, dict):
+            raise ValueError(f"{src_file}: expected a JSON object")
+    if chat_template is None:
+        config.pop("chat_template", None)
+    elif not (keep_src_template and "chat_template" in config):
+        config["chat_template"] = chat_template
+    if not config:
+        return None
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def write_byte_tokenizer(path):
@@ -130,6 +157,85 @@ def template_from_config(value, config_path):
                 return name
     raise ValueError(f"{config_path}: chat_template is none of {TEMPLATES} and not a Jinja template using "
                      f"their markers; pass Tokenizer(..., template=NAME)")
+
+
+# -----------------------------------------------------------------------------
+# Chat templates: messages -> [(special id or text, is_target), ...]; a None id (a tokenizer
+# without BOS) is dropped. Text between two specials is encoded as one string.
+
+
+def user_assistant_pairs(template, messages, add_generation_prompt):
+    """(system or None, [(user, answer or None), ...]) for templates whose turns must alternate,
+    user first; for them a user turn always ends in the open assistant header."""
+    has_system = messages[0]["role"] == "system"
+    turns = messages[1:] if has_system else messages
+    for i, m in enumerate(turns):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"{template}: message {i + has_system} should be from the "
+                             f"{'user' if i % 2 == 0 else 'assistant'}; the turns must alternate, user first")
+    if not turns:
+        raise ValueError(f"{template}: needs a user message")
+    if add_generation_prompt and turns[-1]["role"] != "user":
+        raise ValueError(f"{template}: add_generation_prompt needs the last message to be the user's")
+    pairs = [(turns[i]["content"], turns[i + 1]["content"] if i + 1 < len(turns) else None)
+             for i in range(0, len(turns), 2)]
+    return (messages[0]["content"] if has_system else None), pairs
+
+
+def camelidae_chat(tok, messages, add_generation_prompt):
+    """<s> once, optional "### System:", then every turn continues the same text."""
+    system, pairs = user_assistant_pairs("camelidae", messages, add_generation_prompt)
+    parts = [(tok.bos_id, False)] + ([(f"### System:\n{system}\n", False)] if system is not None else [])
+    for user, answer in pairs:
+        parts.append((f"### Human:\n{user}\n### Assistant:\n", False))
+        if answer is not None:
+            parts += [(answer, True), (tok.eos_id, True)]
+    return parts
+
+
+def llama2_chat(tok, messages, add_generation_prompt):
+    """Meta's Llama 2 chat: the system block inside the first [INST], contents stripped, each
+    finished turn <s>[INST] u [/INST] a </s> as one string (" a " alone would get a second "▁")."""
+    system, pairs = user_assistant_pairs("llama2", messages, add_generation_prompt)
+    parts = []
+    for i, (user, answer) in enumerate(pairs):
+        if i == 0 and system is not None:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        parts += [(tok.bos_id, False), (f"[INST] {user.strip()} [/INST]", False)]
+        if answer is not None:
+            parts += [(f" {answer.strip()} ", True), (tok.eos_id, True)]
+    return parts
+
+
+def llama3_chat(tok, messages, add_generation_prompt):
+    """<|begin_of_text|>, then a header and the stripped content (as Meta does) per message."""
+    start, end, eot = (tok.special_id(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    parts = [(tok.bos_id, False)]
+    for m in messages:
+        target = m["role"] == "assistant"
+        parts += [(start, False), (m["role"], False), (end, False), ("\n\n", False),
+                  (m["content"].strip(), target), (eot, target)]
+    if add_generation_prompt:
+        parts += [(start, False), ("assistant", False), (end, False), ("\n\n", False)]
+    return parts
+
+
+def chatml_chat(tok, messages, add_generation_prompt):
+    """<|im_start|>role\ncontent<|im_end|>\n per message; a tokenizer with a BOS (sparsetral's
+    Mistral one) starts with it, as its base model always saw; Qwen has none."""
+    im_start, im_end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
+    parts = [(tok.bos_id, False)]
+    for m in messages:
+        target = m["role"] == "assistant"
+        parts += [(im_start, False), (m["role"] + "\n", False), (m["content"], target),
+                  (im_end, target), ("\n", False)]
+    if add_generation_prompt:
+        parts += [(im_start, False), ("assistant\n", False)]
+    return parts
+
+
+CHAT_TEMPLATES = {"camelidae": camelidae_chat, "llama2": llama2_chat, "llama3": llama3_chat, "chatml": chatml_chat}
+TEMPLATES = tuple(CHAT_TEMPLATES)  # the names, e.g. for a command line's choices
 
 
 def common_prefix(a, b):
@@ -239,7 +345,7 @@ class Tokenizer:
                 raise ValueError(f"{vocab_file}: id of {token!r} should be a non-negative integer, got {id!r}")
         to_byte = {c: b for b, c in byte_to_unicode().items()}
         # Specials: added tokens, else Qwen's three, taken from vocab.json when it lists them and
-        # otherwise appended after the last id (which gives SPEC's 151643.. for Qwen's vocab).
+        # otherwise appended after the last id (which gives Qwen's own 151643, 151644, 151645).
         specials = dict(added)
         for name in QWEN_SPECIALS:
             if name not in specials:
@@ -358,71 +464,16 @@ class Tokenizer:
         is the user's.
         """
         template = template or self.template
-        if template not in TEMPLATES:
+        if template not in CHAT_TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
+        if not messages:
+            raise ValueError("encode_chat: no messages")
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
                 raise ValueError(f"message {i}: expected {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}")
             if m["role"] == "system" and i > 0:
                 raise ValueError(f"message {i}: a system message may only come first")
-        if not messages:
-            raise ValueError("encode_chat: no messages")
-        has_system = messages[0]["role"] == "system"
-        system = messages[0]["content"] if has_system else None
-
-        # parts: (special id or text, is_target); text between two specials is encoded as one string
-        parts = []
-        if template in ("camelidae", "llama2"):
-            turns = messages[1:] if has_system else messages
-            for i, m in enumerate(turns):
-                if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-                    raise ValueError(f"{template}: message {i + has_system} should be from the "
-                                     f"{'user' if i % 2 == 0 else 'assistant'}; the turns must alternate, user first")
-            if not turns:
-                raise ValueError(f"{template}: needs a user message")
-            if add_generation_prompt and turns[-1]["role"] != "user":
-                raise ValueError(f"{template}: add_generation_prompt needs the last message to be the user's")
-            pairs = [(turns[i]["content"], turns[i + 1]["content"] if i + 1 < len(turns) else None)
-                     for i in range(0, len(turns), 2)]
-            if template == "camelidae":
-                # <s> once, then every turn continues the same text (Camelidae's format)
-                parts.append((self.bos_id, False))
-                if system is not None:
-                    parts.append((f"### System:\n{system}\n", False))
-                for user, answer in pairs:
-                    parts.append((f"### Human:\n{user}\n### Assistant:\n", False))
-                    if answer is not None:
-                        parts += [(answer, True), (self.eos_id, True)]
-            else:
-                # Meta's Llama 2 chat: the system block goes inside the first [INST], contents
-                # are stripped, and every finished turn is <s>[INST] u [/INST] a </s> encoded
-                # as one string (encoding " a " alone would give SentencePiece a second "▁").
-                for i, (user, answer) in enumerate(pairs):
-                    if i == 0 and system is not None:
-                        user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
-                    parts += [(self.bos_id, False), (f"[INST] {user.strip()} [/INST]", False)]
-                    if answer is not None:
-                        parts += [(f" {answer.strip()} ", True), (self.eos_id, True)]
-        elif template == "llama3":
-            start, end, eot = (self.special_id(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-            parts.append((self.bos_id, False))
-            for m in messages:
-                target = m["role"] == "assistant"
-                parts += [(start, False), (m["role"], False), (end, False), ("\n\n", False),
-                          (m["content"].strip(), target), (eot, target)]  # Meta strips contents
-            if add_generation_prompt:
-                parts += [(start, False), ("assistant", False), (end, False), ("\n\n", False)]
-        else:  # chatml
-            im_start, im_end = self.special_id("<|im_start|>"), self.special_id("<|im_end|>")
-            # A tokenizer with a BOS (sparsetral's Mistral one) starts with it, as its base model
-            # always saw; Qwen has none.
-            parts.append((self.bos_id, False))
-            for m in messages:
-                target = m["role"] == "assistant"
-                parts += [(im_start, False), (m["role"] + "\n", False), (m["content"], target),
-                          (im_end, target), ("\n", False)]
-            if add_generation_prompt:
-                parts += [(im_start, False), ("assistant\n", False)]
+        parts = CHAT_TEMPLATES[template](self, messages, add_generation_prompt)
         return self._encode_parts([p for p in parts if p[0] is not None])
 
     def _encode_parts(self, parts):

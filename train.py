@@ -17,6 +17,7 @@ tokenizer; LoRA merged) that sample.py and convert.py read, metrics.jsonl, and t
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -37,29 +38,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import moe
-from data import IGNORE_INDEX, InstructionData
-from model import Transformer, checkpoint_files, replace_dir, write_checkpoint
-from tokenizer import Tokenizer, tokenizer_files
+from data import IGNORE_INDEX, InstructionData, data_hash
+from model import FLAG, Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
+from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
 
 # -----------------------------------------------------------------------------
 # Options
 
 
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def build_parser():
-    # Defaults follow the official PESC recipe (SPEC.md section 1) where it has one.
+    # Defaults follow the official PESC recipe (the paper's training script) where it has one.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = dict(type=str2bool, nargs="?", const=True)  # --x, --x true, --x false
     p.add_argument("--init_from", default="", help="project checkpoint to start from (dense or PESC)")
-    p.add_argument("--data", default="", help="PESC/Camelidae JSON, Alpaca JSON or chat JSONL")
+    p.add_argument("--data", default="", help="a data file (.json, .jsonl, .jsonl.gz, .parquet; chat, ShareGPT, "
+                   "Alpaca, prompt/response or PESC records) or a mixture a.parquet:0.5,b.jsonl:0.5 (weights: "
+                   "shares of the training rows; bare paths a,b: every row of each)")
     p.add_argument("--out_dir", default="out/pesc")
     p.add_argument("--mode", default="pesc", choices=["pesc", "lora", "full"],
                    help="pesc: routers + adapters (+ LoRA); lora, full: the dense baselines")
@@ -79,9 +73,14 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--template", default="", help="chat template; default: the checkpoint tokenizer's")
     g.add_argument("--seq_len", type=int, default=512)
-    g.add_argument("--pack", default=True, **flag, help="pack several examples per row")
-    g.add_argument("--no_pack", dest="pack", action="store_false", help="same as --pack false")
+    g.add_argument("--pack", default=True, **FLAG, help="pack several examples per row (--pack false: one per row)")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of examples held out")
+    g.add_argument("--fields", default="", type=field_names, help="PROMPT_KEY,RESPONSE_KEY of prompt/response records "
+                   "whose keys are ambiguous or uncommon")
+    g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                                       "pesc", "data"), help="where the token cache lives")
+    g.add_argument("--rebuild_cache", default=False, **FLAG, help="tokenize again even if the cache has the data")
+    g.add_argument("--data_workers", type=int, default=0, help="processes tokenizing a new dataset; 0: one per core")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=1, help="rows per micro-batch, per rank")
     g.add_argument("--grad_accum_steps", type=int, default=16, help="micro-batches per step, per rank")
@@ -103,18 +102,27 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
-    g.add_argument("--compile", default=False, **flag)
-    g.add_argument("--grad_checkpointing", default=False, **flag)
-    g.add_argument("--resume", default=False, **flag, help="continue from out_dir/train_state")
+    g.add_argument("--quantize", default="", choices=["", "nf4"],
+                   help="nf4: QLoRA, the frozen base linears in 4-bit NF4 (quant.py), as the official recipe")
+    g.add_argument("--compile", default=False, **FLAG)
+    g.add_argument("--grad_checkpointing", default=False, **FLAG)
+    g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
     g = p.add_argument_group("memory plan (prints, trains nothing)")
-    g.add_argument("--plan", default=False, **flag, help="print the memory per GPU of this run and exit")
+    g.add_argument("--plan", default=False, **FLAG, help="print the memory per GPU of this run and exit")
     g.add_argument("--world_size", type=int, default=1, help="--plan: GPUs of the run")
     g.add_argument("--gpu_mem_gb", type=float, default=None, help="--plan: GiB per GPU, for the largest micro-batch")
-    g.add_argument("--json", default=False, **flag, help="--plan: one JSON object (bytes per GPU)")
-    g.add_argument("--fsdp", default=False, **flag,
+    g.add_argument("--json", default=False, **FLAG, help="--plan: one JSON object (bytes per GPU)")
+    g.add_argument("--fsdp", default=False, **FLAG,
                    help="shard the model, gradients and optimizer over the ranks (FSDP2; under torchrun), "
                         "for bases that do not fit one GPU beside their activations; default DDP")
     return p
+
+
+def field_names(s):
+    names = tuple(n.strip() for n in s.split(",")) if s else ()
+    if s and (len(names) != 2 or not all(names)):
+        raise argparse.ArgumentTypeError(f"expected PROMPT_KEY,RESPONSE_KEY, got {s!r}")
+    return ",".join(names)
 
 
 _UNSET = object()
@@ -134,10 +142,8 @@ def parse_args(argv):
 # (checked in restore): dropout masks are keyed to the data position, not to the rank.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
-                     "grad_accum_steps", "fsdp", "plan", "world_size", "gpu_mem_gb", "json"}
-
-# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+                     "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers",
+                     "fsdp", "plan", "world_size", "gpu_mem_gb", "json"}
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -162,14 +168,6 @@ def fingerprint(ckpt_dir):
     return h.hexdigest()
 
 
-def file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def get_lr(it, total, args):
     """Linear warmup to --lr, then constant or cosine down to --min_lr at the last step."""
     if it < args.warmup_iters:
@@ -180,17 +178,18 @@ def get_lr(it, total, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
 
 
-def aux_term(model):
-    """The auxiliary part of the model's loss (0 for a dense model), to report the LM loss."""
-    return 0.0 if model.config.moe is None else model.router_stats["weighted"]
-
-
 def setup_model(args, device, ptdtype, log, sharded=False):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode.
 
     sharded: the base stays memory-mapped in its file dtype (new tensors are made in that dtype),
     for shard_model to cast and shard block by block."""
-    model = Transformer.from_pretrained(args.init_from, device=device, mmap=sharded)
+    if args.quantize and args.mode == "full":
+        raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
+    if args.quantize and sharded:
+        raise ValueError(f"--quantize {args.quantize} with --fsdp is not supported yet: run the NF4 base with DDP "
+                         f"(it is a quarter of the bf16 size), or --fsdp without --quantize")
+    # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
+    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None, mmap=sharded)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
     if not sharded:
         for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
@@ -225,15 +224,10 @@ def make_trainable(model, args, log):
             lora = {f: getattr(old, f) for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
         cfg = replace(old, adapter_dropout=args.adapter_dropout, aux_loss_coef=args.aux_loss_coef,
                       z_loss_coef=args.z_loss_coef, **lora)
-        for m in moe.pesc_layers(model):
-            m.config = cfg
-        model.config = replace(model.config, moe=cfg)
-        model.requires_grad_(False)
+        model.config = replace(model.config, moe=cfg)  # the PESC settings' one home
         if cfg.lora_rank > 0 and not has_lora:
             moe.add_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        for m in moe.pesc_layers(model):
-            for p in (m.router.weight, m.adapter_down, m.adapter_up):
-                p.requires_grad_(True)
+        moe.set_trainable(model, "pesc")
         log(f"continuing the PESC checkpoint: {old.num_experts} experts, top-{old.top_k}, "
             f"adapter_dim {old.adapter_dim} (its architecture wins over the PESC options)")
     elif args.mode == "lora":
@@ -241,14 +235,10 @@ def make_trainable(model, args, log):
             raise ValueError(f"--mode lora is the dense baseline, but {args.init_from} is a PESC checkpoint")
         if args.lora_rank <= 0:
             raise ValueError("--mode lora needs --lora_rank > 0")
-        model.requires_grad_(False)
         moe.add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # full
-        model.requires_grad_(True)
-    for m in model.modules():  # new LoRA modules were made in the base dtype
-        if isinstance(m, moe.LoRALinear):
-            m.lora_a.requires_grad_(True)
-            m.lora_b.requires_grad_(True)
+        moe.set_trainable(model, "lora")
+    else:
+        moe.set_trainable(model, "full")
     return model
 
 
@@ -430,10 +420,12 @@ def export(model, out_dir, dtype, init_from, template, template_given, options, 
     # values in fp32.
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
-    lora_tensors = {f"{n[:-len('.weight')]}.{t}" for n in lora for t in ("lora_a", "lora_b")}
-    config = model.config
-    if lora and config.moe is not None:  # merged: the export has no LoRA left
+    config = model.config  # the exported model: LoRA merged, every base weight in full precision
+    if config.moe is not None:
         config = replace(config, moe=replace(config.moe, lora_rank=0))
+    with torch.device("meta"):
+        keys = list(Transformer(config).state_dict())  # an NF4 model's own state dict lacks its base
+    current = model.state_dict()
     base_file = {}
     for fname in checkpoint_files(init_from):
         with safe_open(fname, framework="pt") as f:
@@ -441,11 +433,11 @@ def export(model, out_dir, dtype, init_from, template, template_given, options, 
     full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach()  # noqa: E731
 
     def tensors():  # one at a time, so the export never holds a second copy of the model
-        for k, v in model.state_dict().items():
-            if k in lora_tensors or (k == "output.weight" and config.tie_embeddings):
+        for k in keys:
+            if k == "output.weight" and config.tie_embeddings:
                 continue
             from_model = k in trained or k not in base_file
-            t = full(v) if from_model else None
+            t = full(current[k]) if from_model else None
             delta = None
             if k in lora:
                 m = lora[k]
@@ -463,15 +455,7 @@ def export(model, out_dir, dtype, init_from, template, template_given, options, 
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
         extra = tokenizer_files(init_from)
-        tok_cfg_path = os.path.join(init_from, "tokenizer_config.json")
-        tok_cfg = {}
-        if os.path.isfile(tok_cfg_path):
-            with open(tok_cfg_path) as f:
-                tok_cfg = json.load(f)
-        if template_given or "chat_template" not in tok_cfg:
-            tok_cfg["chat_template"] = template
-        with open(os.path.join(stage, "tokenizer_config.json"), "w") as f:
-            json.dump(tok_cfg, f, indent=2)
+        write_tokenizer_config(stage, init_from, template, keep_src_template=not template_given)
         with open(os.path.join(stage, "training_args.json"), "w") as f:
             json.dump(options, f, indent=2)
         extra += [(os.path.join(stage, n), n) for n in ("tokenizer_config.json", "training_args.json")]
@@ -648,10 +632,15 @@ def setup(args, given, where):
                 shutil.rmtree(os.path.join(args.out_dir, name), ignore_errors=True)
 
     # The base fingerprint and the data's hash tie a resumed run to what it started from.
-    base_fp, data_fp = fingerprint(args.init_from), file_hash(args.data)
+    base_fp, data_fp = fingerprint(args.init_from), data_hash(args.data)
     tokenizer = Tokenizer(args.init_from, template=args.template or None)
-    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack,
-                           args.val_fraction, args.seed, log)
+    # One process per machine tokenizes into the cache; the others wait for it and map it.
+    data = InstructionData(args.data, tokenizer, args.seq_len, tokenizer.template, args.pack, args.val_fraction,
+                           args.seed, log, fields=args.fields.split(",") if args.fields else None,
+                           cache_dir=args.cache_dir, rebuild_cache=args.rebuild_cache,
+                           workers=args.data_workers or len(os.sched_getaffinity(0)),
+                           builder=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                           build_id=os.environ.get("TORCHELASTIC_RUN_ID"))
     log(data.summary() + f"; template {tokenizer.template}")
 
     # Same seed on every rank while building, so that new adapters start identical everywhere.
@@ -678,7 +667,12 @@ def setup(args, given, where):
     if args.compile:
         run.model = torch.compile(run.model)
     if where.ddp and not where.fsdp:
-        run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None)
+        # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank.
+        # torch 2.13 renamed the option (the old name warns); 2.11 and 2.12 know only the old one.
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        run.model = DDP(run.model, device_ids=[where.device] if where.device_type == "cuda" else None,
+                        **{no_sync: False})
     start_metrics(run, resumed=state is not None)
     return run
 
@@ -817,14 +811,14 @@ def train_step(run, lr, stop_requested=False):
             # accumulate locally (what no_sync() does, without a context manager).
             run.model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
         with run.autocast:
-            _, loss = run.model(idx, targets, **kw)
-        (loss / args.grad_accum_steps).backward()
+            out = run.model(idx, targets, **kw)
+        (out.loss / args.grad_accum_steps).backward()
         with torch.no_grad():
-            stats["lm_loss"] += (loss - aux_term(raw)).float()
+            stats["lm_loss"] += out.lm_loss.float()
             if is_pesc:
-                stats["aux_loss"] += raw.router_stats["aux_loss"].float()
-                stats["z_loss"] += raw.router_stats["z_loss"].float()
-                stats["load"] += raw.router_stats["load"].float()
+                stats["aux_loss"] += out.aux_loss.float()
+                stats["z_loss"] += out.z_loss.float()
+                stats["load"] += out.expert_load.float()
             stats["tokens"] += idx.numel()  # positions computed, padding included
     stats["stop"] += float(stop_requested)
     if run.dist.fsdp:  # each rank holds a shard of every gradient: the squared norm is a sum over ranks
@@ -872,11 +866,10 @@ def log_step(run, lr, step, clock):
                       expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
         line += f", aux {record['aux_loss']:.4f}"
     line += f", lr {lr:.2e}, grad norm {step['grad_norm']:.4f}, {tok_s:,.0f} tok/s"
-    if run.dist.device_type == "cuda":
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(run.dist.device)), None)
-        if peak is not None:
-            record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
-            line += f", mfu {100 * record['mfu']:.1f}%"
+    peak = peak_flops(run.dist.device)
+    if peak is not None:
+        record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
+        line += f", mfu {100 * record['mfu']:.1f}%"
     if load.numel():
         line += f", load max/mean {imbalance:.2f}"
     run.log(line)
@@ -886,29 +879,33 @@ def log_step(run, lr, step, clock):
 
 @torch.no_grad()
 def evaluate(run):
-    """Token-weighted LM loss over the held-out rows, each rank taking its share; logged."""
-    raw = run.raw_model
+    """Token-weighted LM loss over the held-out rows, in all and per data source, each rank taking
+    its share; logged, and written to metrics.jsonl with "val_loss_by_source"."""
+    raw, sources = run.raw_model, run.data.sources
     raw.eval()
-    sums = torch.zeros(2, device=run.dist.device)  # loss sum, target count
-    batches = list(run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world))
-    counted = len(batches)
-    if run.dist.fsdp:
-        # every forward all-gathers with the other ranks: a rank with fewer rows repeats a batch
-        # (not counted) so that all ranks run as many forwards as rank 0, which has the most
-        first = list(run.data.val_batches(run.args.batch_size, 0, run.dist.world))
-        batches += (batches or first)[:1] * (len(first) - counted)
-    for i, batch in enumerate(batches):
-        idx, targets, kw = to_device(batch, run.dist.device)
-        with run.autocast:
-            _, loss = raw(idx, targets, **kw)
-        n = (targets != IGNORE_INDEX).sum() * (i < counted)
-        sums += torch.stack([(loss - aux_term(raw)).float() * n, n.float()])
+    sums = torch.zeros(len(sources), 2, device=run.dist.device)  # per source: loss sum, target count
+    for source in range(len(sources)):
+        batches = list(run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source))
+        counted = len(batches)
+        if run.dist.fsdp:
+            # every forward all-gathers with the other ranks: a rank with fewer rows repeats a batch
+            # (not counted) so that all ranks run as many forwards as rank 0, which has the most
+            first = list(run.data.val_batches(run.args.batch_size, 0, run.dist.world, source))
+            batches += (batches or first)[:1] * (len(first) - counted)
+        for i, batch in enumerate(batches):
+            idx, targets, kw = to_device(batch, run.dist.device)
+            with run.autocast:
+                lm_loss = raw(idx, targets, **kw).lm_loss
+            n = (targets != IGNORE_INDEX).sum() * (i < counted)
+            sums[source] += torch.stack([lm_loss.float() * n, n.float()])
     if run.dist.ddp:
         dist.all_reduce(sums)
     raw.train()
-    val_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else None
+    total, n = sums.sum(0).tolist()
+    val_loss = total / n if n > 0 else None
+    by_source = {s["path"]: (x / m if m > 0 else None) for s, (x, m) in zip(sources, sums.tolist())}
     run.log(f"iter {run.it}: val loss {val_loss:.4f}" if val_loss is not None else f"iter {run.it}: no val targets")
-    write_metrics(run, {"iter": run.it, "val_loss": val_loss})
+    write_metrics(run, {"iter": run.it, "val_loss": val_loss, "val_loss_by_source": by_source})
     return val_loss
 
 
@@ -999,9 +996,9 @@ def demo_eval(ckpt, questions):
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         ids, target_mask = tok.encode_chat(messages)
         targets = torch.tensor([i if m else IGNORE_INDEX for i, m in zip(ids[1:], target_mask[1:])])
-        _, loss = model(torch.tensor([ids[:-1]]), targets[None])
+        lm_loss = model(torch.tensor([ids[:-1]]), targets[None]).lm_loss
         n = int((targets != IGNORE_INDEX).sum())
-        total, count = total + (loss.item() - float(aux_term(model))) * n, count + n
+        total, count = total + lm_loss.item() * n, count + n
     prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
                for _, q, _ in questions]
     rows = generate(model, prompts, 8, temperature=0, stop_ids=tok.stop_ids)
@@ -1037,8 +1034,7 @@ def demo():
     config = ModelConfig.from_preset("tiny")  # dim 64, 2 layers, vocab 512: 158K parameters
     Transformer(config).save_pretrained(init_dir)
     write_byte_tokenizer(os.path.join(init_dir, "tokenizer.model"))
-    with open(os.path.join(init_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "llama3"}, f)
+    write_tokenizer_config(init_dir, chat_template="llama3")
 
     # 2. Pretrain it on plain text: the dense base that PESC starts from.
     print("\n== 1/3: pretraining the dense base on generated text (--mode full) ==")

@@ -1,4 +1,5 @@
-"""Every Triton kernel in kernels.py against its PyTorch twin, forward and backward.
+"""Every Triton kernel in kernels.py against the plain PyTorch math the model runs without it
+(model.py's *_torch functions, moe.adapter_experts_loop), forward and backward.
 
 conftest.py sets TRITON_INTERPRET=1, so the kernels run on the CPU. The interpreter spends about
 1 ms per program instance, so the shapes are small; they are chosen to be no multiple of any
@@ -14,63 +15,14 @@ import torch.nn.functional as F
 
 import kernels
 
-# -----------------------------------------------------------------------------------------------
-# The twins: the plain PyTorch math that model.py and moe.py run when the kernels are off.
+from model import apply_rope_torch, cross_entropy, rms_norm_torch, swiglu_torch
+from moe import adapter_experts_loop
+from tolerance import assert_close
 
 
-def rms_norm_twin(x, weight, eps, residual=None):
-    h = x if residual is None else x + residual
-    out = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-    return out if residual is None else (out, h)
-
-
-def swiglu_twin(a, b):
-    return F.silu(a) * b
-
-
-def apply_rope_twin(x, cos, sin):
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def linear_cross_entropy_twin(h, weight, targets, ignore_index=-100):
-    logits = (h @ weight.T).float()
-    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-    return loss / (targets != ignore_index).sum().clamp(min=1)
-
-
-def adapter_experts_twin(y, weights, experts, down, up, scaling, yd=None):
-    """The per-expert loop; yd is the dropped-out adapter input (y itself without dropout)."""
-    out = y.clone()
-    yd = y if yd is None else yd
-    for e in range(down.shape[0]):
-        tok, slot = (experts == e).nonzero(as_tuple=True)
-        a = F.gelu(yd[tok] @ down[e].T) @ up[e].T  # (n_e, D)
-        out.index_add_(0, tok, (scaling * weights[tok, slot, None]) * a)
-    return out
-
-
-# -----------------------------------------------------------------------------------------------
-# Tolerances, in units of the dtype's eps (2^-23 fp32, 2^-7 bf16) times the reference's largest
-# magnitude: the kernels and twins compute the same math in a different order, so they differ by
-# rounding, and rounding error scales with the size of the numbers being summed, not with each
-# element. fp32: blocked sums of <= a few hundred terms and fused multiply-adds, 16 eps.
-# bf16: both sides round to bf16 (half an eps each), the interpreter truncates fp32 -> bf16 stores
-# (one eps, see TRITON.md), and the twins round intermediates (silu before the product, the
-# adapter's projections and index_add, the matmuls' outputs) that the kernels keep in fp32:
-# a few roundings of up to one eps each, so 4 eps.
-ULPS = {torch.float32: 16, torch.bfloat16: 4}
-
-
-def assert_close(actual, expected, name="", dtype=None, ulps=None):
-    """Max error within `ulps` eps of expected's largest magnitude; dtype: the inputs' (lowest) precision."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    dtype = dtype or expected.dtype
-    tol = (ulps or ULPS[dtype]) * torch.finfo(dtype).eps * max(expected.abs().max().item(), 1e-6)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g}"
+def linear_cross_entropy_torch(h, weight, targets, ignore_index=-100):
+    """Transformer.forward's plain path: the LM head (F.linear), then model.cross_entropy."""
+    return cross_entropy(F.linear(h, weight), targets, ignore_index)
 
 
 def run(fn, inputs, *args, grad_outputs=None, **kwargs):
@@ -85,12 +37,19 @@ def run(fn, inputs, *args, grad_outputs=None, **kwargs):
     return list(outs) + list(grads)
 
 
-def check(kernel, twin, inputs, *args, ulps=None, **kwargs):
-    """kernel and twin agree on every output and every input gradient."""
+def check(kernel, reference, inputs, *args, reduction=1, **kwargs):
+    """kernel and reference agree on every output and every input gradient, in dtype and value.
+
+    reduction: the longest sum in the computation (tolerance.py); it counts for fp32 only, since
+    16-bit inputs are summed in fp32 on both sides."""
     dtype = max((x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()),
                 key=lambda d: torch.finfo(d).eps)
-    for i, (a, b) in enumerate(zip(run(kernel, inputs, *args, **kwargs), run(twin, inputs, *args, **kwargs), strict=True)):
-        assert_close(a, b, f"result {i} (outputs, then input gradients)", dtype, ulps)
+    reduction = reduction if dtype == torch.float32 else 1
+    results = zip(run(kernel, inputs, *args, **kwargs), run(reference, inputs, *args, **kwargs), strict=True)
+    for i, (a, b) in enumerate(results):
+        name = f"result {i} (outputs, then input gradients)"
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+        assert_close(a, b, dtype=dtype, reduction=reduction, name=name)
 
 
 def randn(*shape, dtype=torch.float32, grad=True, scale=1.0):
@@ -108,7 +67,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 def test_use_triton_modes(monkeypatch):
     x = torch.zeros(2)
     monkeypatch.delenv("PESC_KERNELS", raising=False)
-    assert not kernels.use_triton(x)  # auto: CPU tensors stay on the twins
+    assert not kernels.use_triton(x)  # auto: CPU tensors stay on the plain PyTorch path
     assert kernels.use_triton(types.SimpleNamespace(is_cuda=True))  # auto + CUDA + Triton
     monkeypatch.setenv("PESC_KERNELS", "torch")
     assert not kernels.use_triton(types.SimpleNamespace(is_cuda=True))
@@ -155,16 +114,16 @@ def test_rms_norm(dtype, shape, residual, weight_grad):
     x = randn(*shape, dtype=dtype)
     r = randn(*shape, dtype=dtype) if residual else None
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype).requires_grad_(weight_grad)
-    check(kernels.rms_norm, rms_norm_twin, (x, w, 1e-5, r))
+    check(kernels.rms_norm, rms_norm_torch, (x, w, 1e-5, r), reduction=shape[-1])  # the mean of squares
 
 
 def test_rms_norm_fp32_weight_on_bf16():
-    # a bf16 activation times an fp32 weight is fp32, in the twin and in the kernel
+    # a bf16 activation times an fp32 weight is fp32, in the reference and in the kernel
     torch.manual_seed(0)
     x, w = randn(4, 40, dtype=torch.bfloat16), randn(40)
     out = kernels.rms_norm(x, w, 1e-6)
     assert out.dtype == torch.float32
-    check(kernels.rms_norm, rms_norm_twin, (x, w, 1e-6))
+    check(kernels.rms_norm, rms_norm_torch, (x, w, 1e-6))  # bf16 x: the mean sums in fp32 (reduction 1)
 
 
 @pytest.mark.parametrize("x_dtype,r_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
@@ -175,7 +134,7 @@ def test_rms_norm_mixed_residual_dtype(x_dtype, r_dtype):
     x, r, w = randn(3, 50, 48, dtype=x_dtype), randn(3, 50, 48, dtype=r_dtype), randn(48)
     out, h = kernels.rms_norm(x, w, 1e-5, r)
     assert out.dtype == h.dtype == torch.float32
-    check(kernels.rms_norm, rms_norm_twin, (x, w, 1e-5, r))
+    check(kernels.rms_norm, rms_norm_torch, (x, w, 1e-5, r))  # one input is bf16: reduction 1
     dx, dr = torch.autograd.grad(kernels.rms_norm(x, w, 1e-5, r)[0].sum(), (x, r))
     assert dx.dtype == x_dtype and dr.dtype == r_dtype
 
@@ -186,14 +145,14 @@ def test_rms_norm_one_output_used(used):
     torch.manual_seed(0)
     x, r, w = randn(5, 24), randn(5, 24), randn(24)
     grads = []
-    for fn in (kernels.rms_norm, rms_norm_twin):
+    for fn in (kernels.rms_norm, rms_norm_torch):
         out, h = fn(x, w, 1e-5, r)
         grads.append(torch.autograd.grad((out if used == "out" else h).sum(), (x, r, w), allow_unused=True))
     for a, b in zip(*grads):
         if b is None:  # the weight does not reach h
             assert a is None or not a.any()
         else:
-            assert_close(a, b, used)
+            assert_close(a, b, reduction=24, name=used)  # the weight gradient sums 5 rows, the rest 24 columns
 
 
 # -----------------------------------------------------------------------------------------------
@@ -207,10 +166,10 @@ def test_swiglu(dtype, layout):
     if layout == "chunks":  # a and b are the two halves of a fused projection's output
         def halves(fn):
             return lambda ab: fn(*ab.chunk(2, dim=-1))
-        check(halves(kernels.swiglu), halves(swiglu_twin), (randn(3, 5, 200, dtype=dtype),))
+        check(halves(kernels.swiglu), halves(swiglu_torch), (randn(3, 5, 200, dtype=dtype),))
     else:
         shape = (3, 5, 100) if layout == "contiguous" else (1, 1, 1)
-        check(kernels.swiglu, swiglu_twin, (randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)))
+        check(kernels.swiglu, swiglu_torch, (randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -232,7 +191,7 @@ def test_apply_rope(dtype, cos_batch, layout):
     def on_view(fn):  # x (B, T, H, hd): the k part of qkv, or all of base
         return lambda base, cos, sin: fn(base.view(B, T, -1, hd)[:, :, H:2 * H] if qkv else
                                          base.view(B, T, H, hd), cos, sin)
-    check(on_view(kernels.apply_rope), on_view(apply_rope_twin), (base, cos, sin))
+    check(on_view(kernels.apply_rope), on_view(apply_rope_torch), (base, cos, sin))  # no sums: reduction 1
 
 
 def test_apply_rope_rejects_bad_cos():
@@ -258,17 +217,16 @@ def test_linear_cross_entropy(dtype, weight_grad, N, V):
     targets = torch.randint(0, V, (N,))
     targets[1::3] = -100  # some ignored positions (the prompt, in instruction tuning)
     grad_loss = [torch.tensor(2.0)]  # backward must scale by the incoming gradient
-    # d h sums V products: fp32 matmul rounding grows with the sum's length, and torch.mm alone
-    # is ~12-17 eps (at scale) off an fp64 product for V=5000, so fp32 gets 64 eps there
-    ulps = 64 if V > 1000 and dtype == torch.float32 else None
-    check(kernels.linear_cross_entropy, linear_cross_entropy_twin, (h, w, targets), grad_outputs=grad_loss, ulps=ulps)
+    # the longest sums: d h over V logits, the log-sum-exp over V, d weight over N rows
+    check(kernels.linear_cross_entropy, linear_cross_entropy_torch, (h, w, targets), grad_outputs=grad_loss,
+          reduction=max(V, N))
 
 
 def test_linear_cross_entropy_all_ignored_and_custom_index():
     torch.manual_seed(0)
     h, w = randn(6, 16), randn(50, 16)
     for ignore, targets in [(-100, torch.full((6,), -100)), (7, torch.tensor([7, 3, 7, 0, 49, 7]))]:
-        check(kernels.linear_cross_entropy, linear_cross_entropy_twin, (h, w, targets), ignore_index=ignore)
+        check(kernels.linear_cross_entropy, linear_cross_entropy_torch, (h, w, targets), ignore_index=ignore, reduction=50)
     loss = kernels.linear_cross_entropy(h, w, torch.full((6,), -100))
     loss.backward()
     assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
@@ -280,7 +238,7 @@ def test_linear_cross_entropy_no_grad():
     with torch.no_grad():
         loss = kernels.linear_cross_entropy(h, w, targets)
     assert not loss.requires_grad
-    assert_close(loss, linear_cross_entropy_twin(h, w, targets).detach())
+    assert_close(loss, linear_cross_entropy_torch(h, w, targets).detach(), reduction=40)  # log-sum-exp over V
 
 
 # -----------------------------------------------------------------------------------------------
@@ -313,7 +271,8 @@ def test_adapter_experts(dtype, E, k):
     y = randn(N, D, dtype=dtype)
     weights, experts = routing(N, E, k, dtype)
     down, up = adapters(E, D, R, dtype)
-    check(kernels.adapter_experts, adapter_experts_twin, (y, weights, experts, down, up), 0.25)
+    # the longest sums: D_e y over D columns, d down_e over the (<= N) rows routed to e
+    check(kernels.adapter_experts, adapter_experts_loop, (y, weights, experts, down, up), 0.25, reduction=max(N, D))
 
 
 @pytest.mark.parametrize("case", ["idle_experts", "one_expert", "single_token", "small_r", "wide_r", "big_batch",
@@ -338,7 +297,7 @@ def test_adapter_experts_routing_cases(case):
     y = randn(N, D)
     weights, experts = routing(N, E, k, torch.float32, only)
     down, up = adapters(E, D, R, torch.float32, grad)
-    check(kernels.adapter_experts, adapter_experts_twin, (y, weights, experts, down, up), 0.5)
+    check(kernels.adapter_experts, adapter_experts_loop, (y, weights, experts, down, up), 0.5, reduction=max(N, D, R))
     if case == "idle_experts":
         _, _, ddown, dup = run(kernels.adapter_experts, (y, weights, experts, down, up), 0.5)[1:]
         assert not ddown[0::2].any() and not dup[0::2].any() and ddown[1::2].all()
@@ -346,15 +305,12 @@ def test_adapter_experts_routing_cases(case):
 
 def test_adapter_experts_fp32_weights_bf16_activations():
     # moe.route returns fp32 routing weights while the model runs in bf16; the kernel reads
-    # them as they are, the twin needs them in y's dtype (index_add_ wants one dtype)
+    # them as they are, the reference casts them to y's dtype
     torch.manual_seed(0)
     y = randn(20, 100, dtype=torch.bfloat16)
     weights, experts = routing(20, 8, 2, torch.float32)
     down, up = adapters(8, 100, 24, torch.bfloat16)
-
-    def twin(y, weights, *args):
-        return adapter_experts_twin(y, weights.to(y.dtype), *args)
-    check(kernels.adapter_experts, twin, (y, weights, experts, down, up), 0.25)
+    check(kernels.adapter_experts, adapter_experts_loop, (y, weights, experts, down, up), 0.25)  # bf16: reduction 1
 
 
 def test_adapter_experts_dropout_off():
@@ -366,7 +322,7 @@ def test_adapter_experts_dropout_off():
     for p, training in [(0.0, True), (0.3, False)]:
         def kernel(*args):
             return kernels.adapter_experts(*args, dropout_p=p, training=training)
-        check(kernel, adapter_experts_twin, (y, weights, experts, down, up), 0.25)
+        check(kernel, adapter_experts_loop, (y, weights, experts, down, up), 0.25, reduction=40)  # D = 40 > N = 12
 
 
 def test_adapter_experts_dropout():
@@ -383,18 +339,20 @@ def test_adapter_experts_dropout():
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / (N * D)) ** 0.5
 
     # The real adapters with the same seed (the mask depends only on seed, token and column)
-    # equal the twin fed that mask, forward and backward; the mask is shared by both slots.
+    # equal the reference fed that mask, forward and backward; the mask is shared by both slots.
     y = randn(N, D)
     weights, experts = routing(N, 4, 2, torch.float32)
     down, up = adapters(4, D, 24, torch.float32)
     inputs = (y, weights, experts, down, up)
 
-    def twin(y, weights, experts, down, up, scaling):
-        return adapter_experts_twin(y, weights, experts, down, up, scaling, yd=y * keep / (1 - p))
+    def reference(y, weights, experts, down, up, scaling):
+        # the loop on the dropped-out input yd adds the adapters to yd; the layer adds them to y
+        yd = y * keep / (1 - p)
+        return y + (adapter_experts_loop(yd, weights, experts, down, up, scaling) - yd)
 
     def kernel(*args):
         return kernels.adapter_experts(*args, dropout_p=p, training=True, seed=seed)
-    check(kernel, twin, inputs, 0.25)
+    check(kernel, reference, inputs, 0.25, reduction=D)
 
     # same seed, same result; another seed, another mask
     again = kernels.adapter_experts(*inputs, 0.25, dropout_p=p, training=True, seed=seed)

@@ -42,7 +42,7 @@ def tiny_model(kind="dense"):
 
 
 def greedy_no_cache(model, prompt, n):
-    """The slow twin: recompute the whole sequence (model's own causal mask, no cache) each step."""
+    """The oracle for generate's KV cache: recompute the whole sequence (no cache) at each step."""
     seq = torch.as_tensor(prompt)[None]
     with torch.no_grad():
         for _ in range(n):
@@ -102,6 +102,8 @@ def test_batch_positions_and_mask():
     model = tiny_model()
     calls = []
     model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    # the mask the model builds from them (model.attention_mask), as attention receives it
+    model.layers[0].attention.register_forward_pre_hook(lambda m, args: calls[-1].update(mask=args[3][:, 0]))
     generate(model, [random_prompt(2, seed=0), random_prompt(5, seed=1)], 3, temperature=0)
     assert len(calls) == 3  # prefill, then one step per new token but the last
     prefill, step1, step2 = calls

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tokenizer import Tokenizer, byte_to_unicode, write_byte_tokenizer
+from tokenizer import Tokenizer, byte_to_unicode, write_byte_tokenizer, write_tokenizer_config
 
 MIXED = [
     "Hello, world! It's a test.",
@@ -421,3 +421,19 @@ def test_garbage_files(tmp_path):
         Tokenizer(str(tmp_path / "gaps.model"))
     with pytest.raises(FileNotFoundError):
         Tokenizer(str(tmp_path / "missing"))
+
+
+def test_write_tokenizer_config(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ jinja }}", "added_tokens_decoder": {}}))
+    read = lambda: json.loads((out / "tokenizer_config.json").read_text())  # noqa: E731
+    assert write_tokenizer_config(out, src, "chatml") == str(out / "tokenizer_config.json")
+    assert read() == {"chat_template": "chatml", "added_tokens_decoder": {}}  # other keys stay
+    write_tokenizer_config(out, src, "chatml", keep_src_template=True)
+    assert read()["chat_template"] == "{{ jinja }}"
+    write_tokenizer_config(out, src, None)  # an HF export: no project template name
+    assert read() == {"added_tokens_decoder": {}}
+    assert write_tokenizer_config(tmp_path / "none", None, None) is None  # nothing to write
+    write_tokenizer_config(out, chat_template="llama3")
+    assert read() == {"chat_template": "llama3"} and os.listdir(out) == ["tokenizer_config.json"]
