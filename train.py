@@ -267,7 +267,11 @@ def shard_model(model, args, ptdtype, where):
         if args.grad_checkpointing:  # before sharding: the recompute runs inside the block's hooks
             enable_grad_checkpointing(block)
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    cast_params(model, ptdtype)  # the embeddings, the last norm and the LM head (blocks: no-ops)
+    if not model.config.tie_embeddings:  # each its own unit: never both read in whole at once
+        for part in (model.tok_embeddings, model.output):
+            cast_params(part, ptdtype)
+            fully_shard(part, mesh=mesh, mp_policy=mp)
+    cast_params(model, ptdtype)  # what is left: the last norm (and a tied embedding)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.inv_freq = model.inv_freq.to(where.device)
     return model

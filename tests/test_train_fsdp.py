@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import train
 from model import Transformer
 from test_train import ROOT, env, losses, options, run  # noqa: F401  (env is a fixture)
-from test_train_resume import DROPOUT, assert_same_weights, torchrun
+from test_train_resume import DROPOUT, assert_same_weights, reduction, torchrun
 from tolerance import assert_close
 
 STEPS = 5  # every run below ends at this iteration, with 8 rows per step
@@ -53,18 +53,18 @@ def test_fsdp_equals_ddp_and_one_process(env, straight, tmp_path):
     assert os.path.isdir(fsdp / "train_state" / train.SHARDED)  # each rank wrote its shards
     assert not os.path.exists(fsdp / "train_state" / "trainable.safetensors")
     single = state_tensors(straight, tmp_path)
-    assert_same_weights(state_tensors(fsdp, tmp_path), single)
-    assert_same_weights(state_tensors(ddp, tmp_path), single)
+    assert_same_weights(state_tensors(fsdp, tmp_path), single, reduction(env, STEPS))
+    assert_same_weights(state_tensors(ddp, tmp_path), single, reduction(env, STEPS))
     la, lb = losses(fsdp), losses(straight)
     assert la.keys() == lb.keys() == set(range(1, STEPS + 1))
     for i in la:
-        assert_close(torch.tensor(la[i]), torch.tensor(lb[i]), reduction=2 * 4 * 64, name=f"loss {i}")
+        assert_close(la[i], lb[i], dtype=torch.float32, reduction=reduction(env, i), name=f"loss {i}")
 
     # the export, gathered one tensor at a time: the ordinary checkpoint, LoRA merged
     a, b = load_file(fsdp / "model.safetensors"), load_file(straight / "model.safetensors")
     assert a.keys() == b.keys() and not any("lora" in k for k in a)
     for k in a:
-        assert_close(a[k], b[k], reduction=2 * 4 * 64, name=k)
+        assert_close(a[k], b[k], reduction=reduction(env, STEPS), name=k)
     assert Transformer.from_pretrained(str(fsdp)).config.moe.lora_rank == 0
     sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(fsdp), "--prompt", "add",
                              "--max_new_tokens", "3", "--device", "cpu"], capture_output=True, text=True, timeout=120)
@@ -77,7 +77,7 @@ def test_fsdp_equals_ddp_and_one_process(env, straight, tmp_path):
 def test_fsdp_with_grad_checkpointing_equals_one_process(env, straight, tmp_path):
     out = env["dir"] / "fsdp-ckpt"
     torchrun(env, out, *DROPOUT, "--max_iters", str(STEPS), "--fsdp", "--grad_checkpointing")
-    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path))
+    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path), reduction(env, STEPS))
 
 
 def test_resume_across_world_sizes_with_and_without_fsdp(env, straight, tmp_path, capfd):
@@ -94,7 +94,7 @@ def test_resume_across_world_sizes_with_and_without_fsdp(env, straight, tmp_path
     assert "resumed at iteration 3" in output
     output = torchrun(env, out, *more(STEPS), "--grad_accum_steps", "2")  # -> DDP on 2 ranks (1 -> 2)
     assert "resumed at iteration 4" in output
-    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path))
+    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path), reduction(env, STEPS))
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
 
 
@@ -122,7 +122,7 @@ def test_a_failed_sharded_save_keeps_the_previous_state(env, straight, tmp_path)
     output = torchrun(env, out, *DROPOUT, "--max_iters", str(STEPS), "--resume", "--fsdp")
     assert "resumed at iteration 1" in output
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
-    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path))
+    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path), reduction(env, STEPS))
 
 
 def free_port():
@@ -144,7 +144,7 @@ def test_two_nodes_of_one_process_equal_one_process(env, straight, tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert json.load(open(out / "train_state" / "state.json"))["world_size"] == 2
-    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path))
+    assert_same_weights(state_tensors(out, tmp_path), state_tensors(straight, tmp_path), reduction(env, STEPS))
 
 
 def test_fsdp_needs_torchrun(env):
