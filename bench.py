@@ -7,6 +7,8 @@ machine, the date and the command.
     python bench.py --only decode,train  # generation and training throughput
     python bench.py --only model --device cuda     # a Llama-2-7B-shaped PESC model training (GPU)
     python bench.py --only kernels --device cuda   # Triton kernels vs their twins (GPU)
+    python bench.py --only lora          # fused LoRA vs its twin vs transformers + PEFT (CPU)
+    python bench.py --gpu --out DIR      # the prepared check for a 1-GPU machine (JSON + table)
     python bench.py --only quant         # NF4: bytes/param, dequantize throughput, QLoRA step
     python bench.py --only quant7b       # NF4: resident memory of a Llama-2-7B-shaped quantized base
     python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
@@ -340,7 +342,7 @@ def bench_model(args):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     idx = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]
+    peak = peak_flops("cuda") or model.PEAK_FLOPS["H100"]["bf16"]
 
     def step():
         _, loss = net(idx, idx)
@@ -505,7 +507,7 @@ def train_step(mode, device, layers):
     if cuda:
         cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers)
         pesc, lora_rank, B, T, dtype = PESCConfig.from_preset("camelidae-8x7b"), 64, 4, 1024, torch.bfloat16
-        peak = peak_flops(device)
+        peak = peak_flops("cuda", dtype)
         name = f"llama2-7b x {layers} layers"
     else:
         cfg = ModelConfig.from_preset("small")
@@ -828,7 +830,7 @@ def bench_data(args):
 
 
 # -----------------------------------------------------------------------------
-# Loading a base for train.py --fsdp (issue 15)
+# Loading a base for train.py --fsdp
 
 
 def bench_fsdp_load(args):
@@ -894,8 +896,249 @@ def fsdp_load_worker(rank, world, port, ckpt, how, mode, queue):
 
 
 # -----------------------------------------------------------------------------
+# LoRA: the fused linears vs their plain twin vs transformers + PEFT (CPU)
 
-SECTIONS = {"moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
+
+def bench_lora(args):
+    """Forward + backward (no optimizer) of a 2-layer LLaMA (d 1024, ffn 2816, vocab 32000, batch
+    4 x 512, fp32) with LoRA r=64, alpha 16, dropout 0 on all seven linears, base frozen: this
+    project's fused LoRA linears, the plain twin, and transformers + PEFT (optional, imported
+    here only). The runs alternate and each reports its median, on a shared noisy machine."""
+    import statistics
+
+    cfg = ModelConfig(vocab_size=32000, dim=1024, n_layers=2, n_heads=16, ffn_dim=2816, max_seq_len=512)
+    B, T, r = 4, 512, 64
+    torch.manual_seed(0)
+    net = set_trainable(add_lora(Transformer(cfg), LORA_TARGETS, r, 16.0, 0.0), "lora")
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+
+    def project_step():
+        net(idx, idx)[1].backward()
+
+    def plain_step():
+        saved, moe.lora_linear = moe.lora_linear, moe.lora_linear_plain
+        try:
+            project_step()
+        finally:
+            moe.lora_linear = saved
+
+    steps = {"fused": project_step, "plain": plain_step}
+    try:
+        import peft
+        import transformers
+
+        hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                          max_position_embeddings=T, attn_implementation="sdpa")
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+
+        def peft_step():
+            hf(input_ids=idx, labels=idx).loss.backward()
+        steps["peft"] = peft_step
+    except ImportError as e:
+        print(f"[lora] transformers + PEFT not installed ({e.name}): timing this project only")
+    times = {name: [] for name in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(getattr(args, "iters", 7)):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    res = {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
+    line = " | ".join(f"{name} {res[f'{name}_ms']:7.0f} ms" for name in steps)
+    print(f"[lora] d {cfg.dim}, {cfg.n_layers} layers, ffn {cfg.ffn_dim}, {B}x{T}, r={r} on all seven, "
+          f"fwd+bwd, {torch.get_num_threads()} threads, medians of {len(times['fused'])}: {line}")
+    if "peft" in steps:
+        res["peft_over_fused"] = res["peft_ms"] / res["fused_ms"]
+        print(f"  fused is {res['peft_over_fused']:.2f}x the speed of PEFT; plain {res['peft_ms'] / res['plain_ms']:.2f}x")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# bench.py --gpu --out DIR: the first check on a machine with one GPU
+
+
+def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048, test_timeout=240):
+    """Every part of the GPU check in turn, each isolated (a failure is recorded, the rest runs);
+    writes gpu_check.json and gpu_check.md into out_dir and returns the results. device="cpu"
+    with a tiny shape runs the parts that a CPU can (the tests of this function do)."""
+    import json
+    import subprocess
+    import sys
+    import traceback
+
+    results = {"torch": torch.__version__, "triton": getattr(kernels.triton, "__version__", None),
+               "device": torch.cuda.get_device_name() if device == "cuda" else device, "parts": {}}
+    parts = [("tests", lambda: check_tests(subprocess, sys, test_timeout) if device == "cuda" else {"skipped": "CPU"}),
+             ("logits_bf16_vs_fp32_cpu", lambda: check_logits(device)),
+             ("bandwidth", lambda: check_bandwidth(device))]
+    for kind in ("lora", "pesc"):
+        for mode in ("eager", "compiled", "triton"):
+            parts.append((f"train_{kind}_{mode}", lambda k=kind, m=mode: check_train(device, shape, layers, seq_len, k, m)))
+    for compiled in (False, True):
+        parts.append((f"decode_{'compiled' if compiled else 'eager'}",
+                      lambda c=compiled: check_decode(device, shape, layers, c, results["parts"])))
+    for name, part in parts:
+        t0 = time.perf_counter()
+        try:
+            r = part()
+        except Exception as e:  # reported, and the next part runs
+            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        results["parts"][name] = r
+        print(f"[gpu] {name}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "traceback"), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    for fname, text in (("gpu_check.json", json.dumps(results, indent=2)), ("gpu_check.md", gpu_check_table(results))):
+        with open(os.path.join(out_dir, fname + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
+    return results
+
+
+def gpu_check_table(results):
+    lines = [f"# GPU check: {results['device']}, torch {results['torch']}, triton {results['triton']}", "",
+             "| part | result | seconds |", "|---|---|---|"]
+    for name, r in results["parts"].items():
+        shown = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("traceback", "seconds", "output"))
+        lines.append(f"| {name} | {shown.replace('|', '/')} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_tests(subprocess, sys, timeout):
+    """The kernel and model tests on the GPU, the Triton kernels compiled (no interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PESC_TEST_DEVICE="cuda")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "tests/test_kernels.py", "tests/test_model.py"]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    except subprocess.TimeoutExpired:
+        return {"error": f"pytest ran past {timeout} s"}
+    tail = (p.stdout + p.stderr).strip().splitlines()
+    return {"passed": p.returncode == 0, "summary": tail[-1] if tail else "", "output": "\n".join(tail[-30:])}
+
+
+def check_logits(device):
+    """A tiny model written and loaded back in bf16 on the device vs fp32 on the CPU."""
+    import tempfile
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=2, adapter_dim=16, adapter_dropout=0.0))
+    net = Transformer(cfg)
+    with torch.no_grad():
+        for ff in pesc_layers(net):
+            ff.adapter_up.normal_(0, 0.02)
+    idx = torch.randint(0, cfg.vocab_size, (2, 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        net.save_pretrained(tmp)
+        ref = Transformer.from_pretrained(tmp).eval()
+        low = Transformer.from_pretrained(tmp, device=device, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = ref(idx)[0]
+        got = low(idx.to(device))[0].float().cpu()
+    err, scale = (got - expected).abs().max().item(), expected.abs().max().item()
+    # bf16 keeps 8 bits: a few ulps per layer's sums, relative to the logits' size
+    bound = 8 * 2**-8 * (cfg.n_layers * cfg.ffn_dim) ** 0.5 * scale
+    return {"max_abs_err": round(err, 5), "bound": round(bound, 5), "ok": err <= bound,
+            "argmax_agree": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4)}
+
+
+def check_bandwidth(device):
+    """Copy bandwidth of the device (bytes read + written per second): the decode bound."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), warmup=2, iters=5, device=device)
+    return {"GB_per_s": round(2 * n / t / 1e9, 1)}
+
+
+def gpu_check_model(device, shape, layers, kind, dtype):
+    cfg = ModelConfig.from_preset(shape, n_layers=layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = Transformer(cfg).to(dtype).requires_grad_(False)
+    if kind == "pesc":
+        upcycle(net, PESCConfig(num_experts=8, top_k=2, adapter_dim=512 if shape != "tiny" else 16, adapter_dropout=0.0))
+        with torch.no_grad():
+            for ff in pesc_layers(net):
+                ff.adapter_up.normal_(0, 0.02)
+    elif kind == "lora":
+        add_lora(net, LORA_TARGETS, 64 if shape != "tiny" else 4, 16.0, 0.0)
+    return set_trainable(net, kind) if kind != "dense" else net
+
+
+def check_train(device, shape, layers, seq_len, kind, mode):
+    """One training step (forward, backward, fused AdamW) of the dense-LoRA or PESC model."""
+    import train
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    net = gpu_check_model(device, shape, layers, kind, dtype)
+    if mode == "compiled":
+        train.compile_blocks(net, **({} if cuda else {"backend": "aot_eager"}))
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    B = 2
+    idx = torch.randint(0, net.config.vocab_size, (B, seq_len), device=device)
+
+    def step():
+        net(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with kernel_mode("triton" if mode == "triton" else "torch"):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        dt = timeit(step, warmup=2, iters=3, device=device)
+    tps = B * seq_len / dt
+    r = {"tokens_per_s": round(tps), "step_ms": round(1e3 * dt, 1)}
+    peak = peak_flops(device, dtype)
+    if peak is not None:
+        r["mfu"] = round(net.estimate_mfu(tps, seq_len, peak), 4)
+    if cuda:
+        r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return r
+
+
+def check_decode(device, shape, layers, compiled, done):
+    """Greedy decode tokens/s, batch 1, against the bound: weights + KV cache read once per token
+    at the copy bandwidth measured in the bandwidth part."""
+    from sample import compile_decode_step
+
+    cuda = device == "cuda"
+    net = gpu_check_model(device, shape, layers, "dense", torch.bfloat16 if cuda else torch.float32).eval()
+    prompt_len, new = 128, 64
+    prompt = torch.randint(0, net.config.vocab_size, (1, prompt_len), device=device)
+    step = compile_decode_step(device, **({} if cuda else {"backend": "aot_eager"})) if compiled else None
+    kw = dict(decode_fn=step, static_cache=True) if compiled else {}
+    stamps = []
+
+    def on_token(ids):
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    generate(net, prompt, 8, temperature=0, **kw)  # warm-up (compiles)
+    stamps.clear()
+    generate(net, prompt, new, temperature=0, on_token=on_token, **kw)
+    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    r = {"tokens_per_s": round(tps, 1)}
+    bw = done.get("bandwidth", {}).get("GB_per_s")
+    if bw:
+        c = net.config
+        cache_slots = max(256, 1 << (prompt_len + new - 1).bit_length()) if compiled else prompt_len + new
+        kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * cache_slots * net.output.weight.element_size()
+        nbytes = sum(p.numel() * p.element_size() for p in net.parameters()) - net.tok_embeddings.weight.nbytes + kv
+        bound = bw * 1e9 / nbytes  # tokens/s if every byte were read once at the copy bandwidth
+        r.update(bound_tokens_per_s=round(bound, 1), share_of_bound=round(tps / bound, 3))
+    return r
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"lora": bench_lora, "moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
             "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
             "compare": bench_compare, "data": bench_data,
             "fsdp_load": bench_fsdp_load}
@@ -907,9 +1150,19 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=8, help="decoder layers in the 'model' section")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--gpu", action="store_true", help="the prepared check for a 1-GPU machine (with --out)")
+    p.add_argument("--out", default=None, help="--gpu: directory for gpu_check.json and gpu_check.md")
     p.add_argument("--conversations", type=int, default=200_000, help="size of the generated set in 'data'")
     p.add_argument("--seq_len", type=int, default=2048, help="rows of the 'data' section")
     args = p.parse_args()
+    if args.gpu:
+        if args.out is None:
+            p.error("--gpu needs --out DIR")
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py --gpu: no CUDA GPU is visible to torch (torch.cuda.is_available() is False), "
+                             "so there is nothing to check; run it on the GPU machine")
+        gpu_check(args.out)
+        return
     for name in args.only.split(","):
         if name not in SECTIONS:
             p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")

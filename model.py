@@ -242,9 +242,53 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
         if mask is None:  # plain causal attention over this call's tokens: the flash path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif not isinstance(mask, torch.Tensor):  # a BlockMask (document_block_mask)
+            y = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def document_block_mask(doc_ids, positions, sliding_window=None):
+    """attention_mask's rule as FlexAttention's BlockMask, for packed rows without a (T, T)
+    tensor: doc_ids, positions (B or 1, T). Blocks with nothing visible are skipped, so the
+    attention costs the documents' own squares; one mask serves every layer. The dense mask
+    stays the CPU path and the reference."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids.shape
+    pos = positions.expand(B, T)
+
+    def visible(b, h, q, k):
+        seen = (pos[b, k] <= pos[b, q]) & (doc_ids[b, q] == doc_ids[b, k])
+        return seen if sliding_window is None else seen & (pos[b, q] - pos[b, k] < sliding_window)
+
+    return create_block_mask(visible, B, None, T, T, device=doc_ids.device)
+
+
+def use_flex_attention(x) -> bool:
+    """Whether packed rows take document_block_mask: on CUDA, where FlexAttention compiles to a
+    fused kernel (on the CPU it runs unfused, forward only, slower than the dense mask)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return x.is_cuda
+
+
+_FLEX = []
+
+
+def _flex_attention():
+    """flex_attention, compiled once: eager it would materialise the scores it exists to avoid.
+    Inside a compiled region the compiler fuses it anyway."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return flex_attention
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
 
 
 class FeedForward(nn.Module):
@@ -412,6 +456,8 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, self.slot_positions[:B], docs, self.slot_doc_ids[:B], window)
         elif doc_ids is None and window is None:
             return None
+        elif doc_ids is not None and use_flex_attention(positions):  # no (T, T) tensor at all
+            return document_block_mask(doc_ids, positions, window)
         else:
             mask = attention_mask(positions, positions, doc_ids, doc_ids, window)
         return mask[:, None]  # broadcast over heads
@@ -426,28 +472,45 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """FLOPs of one training step per token (forward + backward).
+        """FLOPs one training step does per token (forward + backward), counting what autograd
+        runs with a frozen base. Per weight n of a matmul, per token:
 
-        Each matmul costs 2 FLOPs per weight per token forward, 2 more for the gradient of its
-        input, and 2 more for its weight gradient only if that weight is trained (frozen base
-        weights in PESC and LoRA skip it). PESC adapters count the k experts a token uses.
-        Attention scores and values add 4 * layers * seq_len * heads * head_dim forward, twice
-        that backward (the causal half is not discounted, as in PaLM's formula)."""
-        flops = 0.0
-        for m in self.modules():
-            if isinstance(m, quant.NF4Linear):  # frozen: forward and input gradient only
-                flops += 4 * m.in_features * m.out_features
-            elif isinstance(m, nn.Linear) and m.weight is not None:  # (a LoRA over NF4 has none)
-                n = m.weight.numel()
-                flops += (6 if m.weight.requires_grad else 4) * n
-            elif isinstance(m, moe.PESCFeedForward):
-                n = m.active_adapter_params(self.config.moe.top_k)
-                flops += 6 * n  # adapters are always trained
-            if isinstance(m, moe.LoRALinear):
-                flops += 6 * (m.lora_a.numel() + m.lora_b.numel())
+            forward                                   2n
+            input gradient  (dL/dx = W^T dL/dy)        2n  only if a gradient must flow below it
+            weight gradient (dL/dW = dL/dy x^T)        2n  only if W is trained
+
+        A gradient must flow below a matmul when anything trained lies below it (or beside it on
+        the same input: LoRA on wq needs the attention's backward, not wq's input gradient). So
+        with PESC alone, the first block's attention runs forward only, and every block's frozen
+        linears above it cost 4n; trained tensors (LoRA A/B, routers, the k of E adapters a token
+        uses) cost 6n, except where no gradient flows below them (lora_a's input gradient).
+        Attention scores and values cost 4 * seq_len * heads * head_dim per layer forward, twice
+        that backward when a gradient flows through them (not discounted for causality, as in
+        PaLM's formula). Norms, RoPE and the softmax are not counted."""
         c = self.config
-        flops += 3 * 4 * c.n_layers * seq_len * c.n_heads * c.head_dim
-        return flops
+        attention = 4 * seq_len * c.n_heads * c.head_dim
+        flops, flows = 0.0, self.tok_embeddings.weight.requires_grad
+        for layer in self.layers:
+            a, ff = layer.attention, layer.feed_forward
+            flows |= layer.attention_norm.weight.requires_grad
+            f, flows = _matmul_flops([a.wq, a.wk, a.wv], flows)
+            flops += f + attention * (3 if flows else 1)
+            f, flows = _matmul_flops([a.wo], flows)
+            flops += f
+            flows |= layer.ffn_norm.weight.requires_grad
+            router_in = flows  # the router and w1, w3 read the same input
+            f, flows = _matmul_flops([ff.w1, ff.w3], flows)
+            flops += f
+            f, flows = _matmul_flops([ff.w2], flows)
+            flops += f
+            if isinstance(ff, moe.PESCFeedForward):  # router and adapters are always trained
+                E, k = ff.adapter_down.shape[0], self.config.moe.top_k
+                down, up = ff.adapter_down.numel() * k / E, ff.adapter_up.numel() * k / E
+                n_router = ff.router.weight.numel()
+                flops += 6 * up + (6 if flows else 4) * down + (6 if router_in else 4) * n_router
+                flows = True
+        f, _ = _matmul_flops([self.output], flows | self.norm.weight.requires_grad)
+        return flops + f
 
     def estimate_mfu(self, tokens_per_sec: float, seq_len: int, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved FLOP/s over the hardware's peak (see peak_flops)."""
@@ -535,18 +598,44 @@ class Transformer(nn.Module):
         write_checkpoint(path, self.config.to_dict(), state, max_shard_bytes)
 
 
-# bf16 dense peak FLOP/s (SXM parts) by a substring of torch.cuda.get_device_name(), for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+def _matmul_flops(linears, flows):
+    """(FLOPs per token, whether a gradient flows above) of linears that read one input, given
+    whether a gradient must flow below them (see Transformer.flops_per_token)."""
+    flops, trained = 0.0, False
+    for m in linears:
+        n = m.in_features * m.out_features
+        w_trained = getattr(m, "weight", None) is not None and m.weight.requires_grad  # NF4: frozen, no .weight
+        flops += 2 * n + (2 * n if flows else 0) + (2 * n if w_trained else 0)
+        trained |= w_trained
+        if isinstance(m, moe.LoRALinear):  # x -> A -> B: B's input gradient is needed for A's
+            flops += 6 * m.lora_b.numel() + (6 if flows else 4) * m.lora_a.numel()
+            trained = True
+    return flops, flows or trained
 
 
-def peak_flops(device=None):
-    """The bf16 peak FLOP/s of a CUDA device from PEAK_FLOPS, or None (a CPU, an unlisted GPU)."""
+# Dense (no sparsity) peak FLOP/s of each GPU's tensor cores, by compute dtype, from the vendor
+# datasheets (SXM parts). Looked up by a substring of torch.cuda.get_device_name(), in order.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def peak_flops(device=None, dtype=torch.bfloat16):
+    """Peak FLOP/s of a CUDA device for matmuls in dtype (fp32 counts as tf32 where torch lets
+    matmuls use it), or None: a CPU, or a GPU not in PEAK_FLOPS."""
     if torch.device(device or "cpu").type != "cuda":
         return None
+    key = _DTYPE_NAMES[dtype]
+    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        key = "tf32"
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
+    return next((table[key] for gpu, table in PEAK_FLOPS.items() if gpu in name), None)
 # The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LORA_TARGETS),
 # never embeddings, norms, the LM head, routers or adapters.
 _QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"

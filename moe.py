@@ -19,6 +19,7 @@ This module never imports model.py: `upcycle` works on the model instance it is 
 """
 
 import math
+import os
 import threading
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
@@ -158,6 +159,42 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     return _GroupedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
 
 
+# torch.nn.functional.grouped_mm (torch 2.10+), or its older private name
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_usable(y, down) -> bool:
+    """Whether adapter_experts_grouped runs here: CUDA bf16 on sm90+ with 16-byte aligned rows.
+
+    Elsewhere grouped_mm either is missing, loops over the groups (the fp32 and pre-sm90
+    fallbacks), or rejects the strides; PESC_KERNELS=triton keeps the Triton kernel."""
+    E, r, D = down.shape
+    return (_grouped_mm is not None and y.is_cuda and y.dtype == torch.bfloat16 and down.dtype == y.dtype
+            and torch.cuda.get_device_capability(y.device) >= (9, 0) and D % 8 == 0 and r % 8 == 0
+            and os.environ.get("PESC_KERNELS") != "triton")
+
+
+def adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """The adapters as two grouped GEMMs (torch's grouped_mm) over the expert-sorted pairs.
+
+    The group ends come from the sorted expert ids by searchsorted, on the device: no host sync
+    and no loop over experts; an empty expert is an empty group. The last group ends at N*k,
+    the number of rows, so no output row is left unwritten (grouped_mm leaves rows past the
+    last offset as they were: uninitialised memory). grouped_mm's own autograd does backward."""
+    N, k = experts.shape
+    E = down.shape[0]
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    group_end = torch.searchsorted(flat[order], torch.arange(E, device=y.device), right=True).int()  # (E,)
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    sw = (scaling * weights).to(y.dtype).reshape(-1)[order]  # (N*k,) routing weight of each row
+    x = yd[order // k]  # (N*k, D) each row's token
+    h = F.gelu(_grouped_mm(x, down.transpose(1, 2), offs=group_end)) * sw[:, None]  # (N*k, r)
+    a = _grouped_mm(h, up.transpose(1, 2), offs=group_end)  # (N*k, D)
+    row_of = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=y.device)).view(N, k)
+    return y + _sum_slots(a, row_of)
+
+
 class _GroupedAdapters(torch.autograd.Function):
     """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows, plus x when `residual`.
 
@@ -249,11 +286,13 @@ def _scratch(name, shape, like):
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): the Triton kernel on GPU, else plain torch
-    (sorted, or gathered per pair when there are fewer than 2E pairs)."""
+    """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): grouped GEMMs on sm90+ in bf16, the Triton
+    kernel on other GPUs, else plain torch (sorted, or gathered per pair below 2E pairs)."""
     # trainers keep fp32 master weights under bf16 autocast; both paths compute in y's dtype, and
     # casting here (outside their hand-written backward passes) hands the gradients back in fp32
     down, up = down.to(y.dtype), up.to(y.dtype)
+    if grouped_mm_usable(y, down):
+        return adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p, training)
     if kernels.use_triton(y):
         return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
     if experts.numel() < 2 * down.shape[0]:  # the sorted path would use 1-row tiles: gather instead
@@ -370,10 +409,69 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        base = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
-        # in x's dtype: a no-op for a full-precision base; fp32 LoRA beside a bf16-computing NF4 base
-        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
-        return base + self.scale * lora.to(base.dtype)
+        if self.base is not None:  # an NF4 base (QLoRA): its own matmul, then the plain update
+            base = self.base(x)
+            # fp32 LoRA beside a bf16-computing NF4 base: in x's dtype
+            lora = F.linear(F.linear(self.lora_dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+            return base + self.scale * lora.to(base.dtype)
+        return lora_linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_a, self.lora_b, self.scale)
+
+
+def lora_linear_plain(x, x_drop, weight, bias, lora_a, lora_b, scale):
+    """The twin of lora_linear: W x + b + scale * B A x_drop, as three linears, a scale and an add."""
+    base = F.linear(x, weight, bias)
+    return base + scale * F.linear(F.linear(x_drop, lora_a.to(x.dtype)), lora_b.to(x.dtype)).to(base.dtype)
+
+
+def lora_linear(x, x_drop, weight, bias, lora_a, lora_b, scale):
+    """W x + b + scale * B A x_drop with the scale and the add inside the matmuls, forward and
+    backward (addmm into the base output and into the input gradient): the plain twin spends
+    two full-size elementwise passes per LoRA linear and direction on them. x_drop is x (the
+    same tensor) without dropout, which lets the input gradient be one addmm as well."""
+    return _LoRALinear.apply(x, x_drop, weight, bias, lora_a, lora_b, scale)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """lora_linear's matmuls in the compute dtype (autocast's, else x's), by hand in backward."""
+
+    @staticmethod
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scale):
+        device = x.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            W, A, Bs = weight.to(dt), lora_a.to(dt), (scale * lora_b).to(dt)  # Bs: r columns, cheap
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            xd2 = x2 if x_drop is x else x_drop.reshape(-1, x.shape[-1]).to(dt)
+            h = torch.mm(xd2, A.t())  # (N, r)
+            out = torch.mm(x2, W.t()) if bias is None else torch.addmm(bias.to(dt), x2, W.t())
+            out.addmm_(h, Bs.t())
+        keep_x = weight.requires_grad or x_drop is x  # for W's gradient, or A's without dropout
+        ctx.save_for_backward(x2 if keep_x else None, xd2 if x_drop is not x else None, h, W, A, Bs)
+        ctx.same_input, ctx.scale = x_drop is x, scale
+        ctx.dtypes = (x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xd2, h, W, A, Bs = ctx.saved_tensors
+        x_dtype, w_dtype, a_dtype, b_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1]).to(W.dtype)
+        dh = torch.mm(g2, Bs)  # (N, r), the scale already in Bs
+        d_b = torch.mm(g2.t(), h).mul_(ctx.scale).to(b_dtype) if need[5] else None
+        d_a = torch.mm(dh.t(), x2 if ctx.same_input else xd2).to(a_dtype) if need[4] else None
+        dx = dxd = None
+        if need[0] or need[1]:
+            dx = torch.mm(g2, W)
+            if ctx.same_input:
+                dx.addmm_(dh, A)
+            else:
+                dxd = torch.mm(dh, A).view(*g.shape[:-1], -1).to(x_dtype)
+            dx = dx.view(*g.shape[:-1], -1).to(x_dtype)
+        d_w = torch.mm(g2.t(), x2).to(w_dtype) if need[2] else None
+        d_bias = g2.sum(0).to(w_dtype) if ctx.has_bias and need[3] else None
+        return dx, dxd, d_w, d_bias, d_a, d_b, None
 
 
 def add_lora(model, targets, rank: int, alpha: float, dropout: float):

@@ -69,9 +69,19 @@ def decode_step(model, x, input_pos, positions):
     return model(x, input_pos=input_pos, positions=positions).logits[:, -1]
 
 
+def compile_decode_step(device, **options):
+    """decode_step compiled as one graph; on CUDA replayed as a CUDA graph (reduce-overhead), so
+    a token costs one launch instead of hundreds, which is how gpt-fast reaches the memory
+    bandwidth bound. Pair it with generate(..., static_cache=True) so its shapes stay put."""
+    if torch.device(device).type == "cuda":
+        options.setdefault("mode", "reduce-overhead")
+    return torch.compile(decode_step, fullgraph=True, **options)
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None, *,
-             generator=None, pad_id=-1, vocab_size=None, on_token=None, decode_fn=decode_step):
+             generator=None, pad_id=-1, vocab_size=None, on_token=None, decode_fn=decode_step,
+             static_cache=False):
     """Prompt plus up to max_new_tokens sampled ids, as a (B, P + n) tensor, n <= max_new_tokens.
 
     idx: a (B, T) or (T,) tensor of prompts of one length, or a list of 1-D prompts (tensors or
@@ -83,8 +93,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     Sampling is sample_next's (temperature 0 = greedy). vocab_size: sample only ids below it
     (for a tokenizer smaller than the model's padded embedding). on_token(ids) is called with
     each step's (B,) new ids (pad_id for finished rows), e.g. to stream them; when it returns
-    True, generation ends after that step. decode_fn is the
-    one-token step: decode_step or a compiled version of it.
+    True, generation ends after that step. decode_fn is the one-token step: decode_step or
+    compile_decode_step's. static_cache rounds the cache up to a power of two (at least 256
+    slots), so that a compiled step sees the same shapes from one call to the next (a chat's
+    turns) and is not compiled again for every length.
     Put the model in eval mode first (PESC adapters have dropout). The model's KV cache is set
     up for B rows of P + max_new_tokens slots and removed on return.
     """
@@ -105,13 +117,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     for b, p in enumerate(prompts):
         tokens[b, P - len(p):P] = p.to(device)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,) padding on the left
-    slots = torch.arange(S, device=device)
-    positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) RoPE position of each slot
+    C = max(256, 1 << (S - 1).bit_length()) if static_cache else S  # cache slots, C >= S
+    slots = torch.arange(C, device=device)  # C wide, so a step's slices keep their strides too
+    positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, C) RoPE position of each slot
     real = slots[None, :P] >= pad[:, None]  # (B, P) prompt tokens, not padding
 
     stop = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    model.setup_cache(B, S)
+    model.setup_cache(B, C)
     try:
         prompt = torch.where(real, tokens[:, :P], 0)  # padding enters as id 0
         # the prompt is document 0; each padding slot a document of its own, which sees only itself
@@ -273,7 +286,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
     p.add_argument("--quantize", default=None, choices=["nf4"],
                    help="nf4: hold the base linears in 4-bit NF4 (quant.py), quantized while loading")
-    p.add_argument("--compile", default=False, **FLAG, help="torch.compile the one-token decode step")
+    p.add_argument("--compile", default=False, **FLAG, help="compile the one-token decode step (CUDA graphs on GPU) over a static KV cache")
     p.add_argument("--show_experts", default=False, **FLAG, help="PESC: print the experts each generated token used")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
@@ -310,7 +323,8 @@ def main(argv=None):
             raise SystemExit(f"--show_experts: {args.ckpt} is a dense model, it has no experts")
         experts_seen = record_experts(model)
     sampling = dict(generator=torch.Generator(device).manual_seed(args.seed),
-                    decode_fn=torch.compile(decode_step) if args.compile else decode_step)
+                    decode_fn=compile_decode_step(device) if args.compile else decode_step,
+                    static_cache=args.compile)
     prompt = read_prompt(args.prompt)
 
     if not args.chat:

@@ -104,7 +104,7 @@ def build_parser():
                    help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
     g.add_argument("--quantize", default="", choices=["", "nf4"],
                    help="nf4: QLoRA, the frozen base linears in 4-bit NF4 (quant.py), as the official recipe")
-    g.add_argument("--compile", default=False, **FLAG)
+    g.add_argument("--compile", default=False, **FLAG, help="torch.compile each transformer block (regional)")
     g.add_argument("--grad_checkpointing", default=False, **FLAG)
     g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
     g = p.add_argument_group("memory plan (prints, trains nothing)")
@@ -144,6 +144,7 @@ RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "l
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
                      "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers",
                      "fsdp", "plan", "world_size", "gpu_mem_gb", "json"}
+
 
 # -----------------------------------------------------------------------------
 # Helpers
@@ -288,6 +289,13 @@ def param_group_names(model):
     biases). The optimizer's state refers to tensors by their place in these lists."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+def compile_blocks(model, **options):
+    """Regional compilation: each transformer block is compiled in place, the rest stays eager.
+    The blocks share their code, so one graph serves them all (two with a frozen embedding: the
+    first block's input needs no gradient): fast to compile, unlike the whole model, and the
+    state-dict keys do not change."""
+    for block in model.layers:
+        block.compile(**options)
 
 
 def trainable_state(model):
@@ -669,7 +677,7 @@ def setup(args, given, where):
     if state is not None:
         restore(run, saved, state)
     if args.compile:
-        run.model = torch.compile(run.model)
+        compile_blocks(run.raw_model)
     if where.ddp and not where.fsdp:
         # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank.
         # torch 2.13 renamed the option (the old name warns); 2.11 and 2.12 know only the old one.
@@ -870,7 +878,7 @@ def log_step(run, lr, step, clock):
                       expert_load=[[round(x, 4) for x in row] for row in share.tolist()])
         line += f", aux {record['aux_loss']:.4f}"
     line += f", lr {lr:.2e}, grad norm {step['grad_norm']:.4f}, {tok_s:,.0f} tok/s"
-    peak = peak_flops(run.dist.device)
+    peak = peak_flops(run.dist.device, getattr(torch, run.args.dtype))  # args.dtype: resolved by setup
     if peak is not None:
         record["mfu"] = run.raw_model.estimate_mfu(tok_s / run.dist.world, run.args.seq_len, peak)
         line += f", mfu {100 * record['mfu']:.1f}%"

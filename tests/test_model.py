@@ -8,8 +8,11 @@ import torch.nn.functional as F
 
 import transformers  # test-only reference (requirements-dev.txt)
 
+import model
+import moe
 from convert import hf_config_to_model_config, hf_key_to_project
 from model import ModelConfig, Transformer, attention_mask, cross_entropy
+from moe import LORA_TARGETS, PESCConfig, add_lora, upcycle
 from tolerance import assert_close, tolerance
 
 TINY_HF = dict(vocab_size=97, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
@@ -266,16 +269,43 @@ def test_preset_parameter_counts(preset):
     assert model.num_params() == PUBLISHED[preset]
 
 
-def test_flops_and_mfu():
+@pytest.mark.parametrize("mode", ["full", "pesc", "pesc+lora", "lora", "lora q,v"])
+def test_flops_per_token_counts_the_matmuls_autograd_runs(mode, monkeypatch):
+    """flops_per_token against torch's FLOP counter over a real forward + backward. The counter
+    does not see the CPU's fused attention kernel, so the attention terms are added by hand:
+    4 * T * heads * head_dim per layer forward, 3x with backward, and PESC alone leaves the
+    first layer's attention without a backward (nothing trained below it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     cfg = ModelConfig.from_preset("tiny")
-    model = Transformer(cfg)
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # matmul weights
-    attn = 3 * 4 * cfg.n_layers * 16 * cfg.n_heads * cfg.head_dim
-    assert model.flops_per_token(16) == 6 * n + attn  # everything trained: the 6N rule
-    for p in model.parameters():
-        p.requires_grad_(False)
-    assert model.flops_per_token(16) == 4 * n + attn  # frozen weights: no weight gradients
-    assert_close(model.estimate_mfu(1000.0, 16, 1e12), (4 * n + attn) * 1000 / 1e12)  # a product and a quotient
+    torch.manual_seed(0)
+    net = Transformer(cfg)
+    if mode.startswith("pesc"):
+        upcycle(net, PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0,
+                                lora_rank=4 if mode == "pesc+lora" else 0, lora_dropout=0.0))
+    elif mode.startswith("lora"):
+        net.requires_grad_(False)
+        add_lora(net, LORA_TARGETS if mode == "lora" else ("q", "v"), 4, 8.0, 0.0)
+    monkeypatch.setattr(moe, "adapter_experts", moe.adapter_experts_loop)  # no padded tiles to count
+    B, T = 2, 32
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    # the fused LoRA accumulates into its outputs with the in-place addmm_, which the counter
+    # does not know: it costs what addmm does
+    def addmm_(c_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):  # C += A @ B
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_}) as counter:
+        net(idx, idx)[1].backward()
+    attention = 4 * T * cfg.n_heads * cfg.head_dim * (3 * cfg.n_layers - (2 if mode == "pesc" else 0))
+    assert net.flops_per_token(T) * B * T == pytest.approx(counter.get_total_flops() + attention * B * T, rel=1e-12)
+    assert_close(net.estimate_mfu(1000.0, T, 1e12), net.flops_per_token(T) * 1000 / 1e12)  # a product and a quotient
+
+
+def test_peak_flops_table():
+    assert model.peak_flops("cpu") is None
+    for gpu, table in model.PEAK_FLOPS.items():
+        assert set(table) == {"bf16", "fp16", "tf32", "fp32"}, gpu
+        assert table["bf16"] == table["fp16"] > table["tf32"] > table["fp32"], gpu
 
 
 def test_whole_model_kernels_match_torch_path(monkeypatch):
