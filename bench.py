@@ -14,9 +14,11 @@ machine, the date and the command.
     python bench.py --only eval          # eval.py's scoring vs the bare forward passes it needs
     OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
     python bench.py --only data          # tokenizing 200K ShareGPT conversations into the token cache
+    python bench.py --only fsdp_load     # peak memory per rank loading a 1B base for --fsdp (CPU, 2 ranks)
 """
 
 import argparse
+import math
 import multiprocessing
 import os
 import time
@@ -828,6 +830,72 @@ def bench_data(args):
 
 
 # -----------------------------------------------------------------------------
+# Loading a base for train.py --fsdp
+
+
+def bench_fsdp_load(args):
+    """Peak resident memory per rank while 2 CPU ranks (gloo) load a ~1B-parameter random fp32
+    checkpoint as train.py --fsdp does (memory-mapped files, cast and sharded block by block, each
+    rank keeping its shard of every tensor), against the whole-model load of DDP. The fixed
+    overhead is the rank's peak before loading (torch, gloo); each mode runs in fresh processes."""
+    import tempfile
+
+    from model import write_checkpoint
+
+    cfg = ModelConfig(dim=2048, n_layers=18, n_heads=16, ffn_dim=5632, vocab_size=32000)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = ((k, torch.randn(s, generator=gen) * 0.02) for k, s in shapes.items())  # one at a time
+    model_mib = sum(math.prod(s) for s in shapes.values()) * 4 / 2**20
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as d:
+        write_checkpoint(d, cfg.to_dict(), tensors, max_shard_bytes=2**30)
+        print(f"[fsdp_load] random checkpoint: {sum(math.prod(s) for s in shapes.values()) / 1e9:.2f}B parameters, "
+              f"fp32, {model_mib:.0f} MiB")
+        for how, mode in (("fsdp", "lora"), ("fsdp", "pesc"), ("whole", "lora")):
+            queue, port = ctx.Queue(), 29500 + os.getpid() % 1000
+            procs = [ctx.Process(target=fsdp_load_worker, args=(rank, 2, port, d, how, mode, queue)) for rank in (0, 1)]
+            for p in procs:
+                p.start()
+            results = sorted(queue.get(timeout=1200) for _ in procs)
+            for p in procs:
+                p.join()
+            for r in results:
+                print(f"[fsdp_load] {how:5s} --mode {mode}: rank {r[0]}: fixed overhead {r[1]:.0f} MiB, peak RSS "
+                      f"{r[2]:.0f} MiB, peak - overhead {r[2] - r[1]:.0f} MiB = {(r[2] - r[1]) / model_mib:.2f} of the "
+                      f"model; holds {r[3]:.0f} MiB of parameters")
+
+
+def fsdp_load_worker(rank, world, port, ckpt, how, mode, queue):
+    """One rank of bench_fsdp_load: (rank, fixed overhead MiB, peak RSS MiB, parameter MiB held)."""
+    import torch.distributed as dist
+
+    import train
+
+    def peak_mib():  # VmHWM: this process's peak resident set (ru_maxrss would carry the parent's over exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    idle = peak_mib()
+    args = train.parse_args(["--init_from", ckpt, "--mode", mode, "--dtype", "float32"])[0]
+    torch.manual_seed(0)
+    net, _ = train.setup_model(args, "cpu", torch.float32, lambda *a: None, sharded=how == "fsdp")
+    if how == "fsdp":
+        train.shard_model(net, args, torch.float32, train.Dist(True, rank, world, "cpu", "cpu", fsdp=True))
+    local = [p.to_local() if how == "fsdp" else p for p in net.parameters()]
+    # read every byte a rank holds, as a training step does: mapped pages count once touched
+    touched = sum(float(t.detach().sum()) for t in local)
+    held = sum(t.numel() * t.element_size() for t in local)
+    dist.barrier()
+    queue.put((rank, idle, peak_mib(), held / 2**20, touched))
+    dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # LoRA: the fused linears vs their plain twin vs transformers + PEFT (CPU)
 
 
@@ -1072,7 +1140,8 @@ def check_decode(device, shape, layers, compiled, done):
 
 SECTIONS = {"lora": bench_lora, "moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
             "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
-            "compare": bench_compare, "data": bench_data}
+            "compare": bench_compare, "data": bench_data,
+            "fsdp_load": bench_fsdp_load}
 
 
 def main():

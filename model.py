@@ -519,14 +519,17 @@ class Transformer(nn.Module):
     # -- checkpoints -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, quantize=None):
+    def from_pretrained(cls, path, device=None, dtype=None, quantize=None, mmap=False):
         """Load a project checkpoint directory strictly: every tensor present, known, well shaped.
 
         The model is built on the meta device and the loaded tensors are assigned into it, so
         loading never holds two copies of the weights. quantize="nf4" stores the seven base
         linears of every layer (q, k, v, o, gate, up, down) in NF4 (quant.py) as each tensor
         streams in, so the full-precision base is never in memory at once; dtype then applies to
-        the other tensors (embeddings, norms, LM head, biases, routers, adapters, LoRA)."""
+        the other tensors (embeddings, norms, LM head, biases, routers, adapters, LoRA).
+        mmap=True (CPU) leaves the other tensors mapped from the files: nothing is read until
+        touched, so a process that copies out only a shard of each tensor (FSDP) never has the
+        whole model resident."""
         from safetensors import safe_open
 
         if quantize not in (None, "nf4"):
@@ -546,6 +549,7 @@ class Transformer(nn.Module):
         device = torch.device(device or "cpu")
         state, where, packed = {}, {}, {}
         for fname in files:
+            mapped = mmap_safetensors(fname) if mmap else None
             with safe_open(fname, framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if key not in expected:
@@ -553,7 +557,7 @@ class Transformer(nn.Module):
                         raise KeyError(f"{fname}: unexpected tensor {key!r} for this config"
                                        + (" (the checkpoint is already quantized; load the full-precision "
                                           "base)" if quantized else ""))
-                    t = f.get_tensor(key)
+                    t = mapped[key] if mapped is not None else f.get_tensor(key)
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"config expects {tuple(expected[key].shape)}")
@@ -667,6 +671,45 @@ def checkpoint_files(path) -> list:
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
     return [single]
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(fname) -> dict:
+    """The tensors of a safetensors file, each a view of its own private memory map of the file
+    (copy on write: writing to one never changes the file). Pages are read when first touched and
+    leave the process's memory when the tensor is freed, so a caller that copies out a part of
+    each tensor and drops it never holds more of the file than one tensor."""
+    import mmap as _mmap
+
+    out = {}
+    with open(fname, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{fname}: the safetensors header is not JSON ({e})") from None
+        size = os.path.getsize(fname)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{fname}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            numel = math.prod(info["shape"])
+            if end - start != numel * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"{fname}: tensor {key!r} has data_offsets {info['data_offsets']} that do not "
+                                 f"fit its shape {info['shape']} and dtype {info['dtype']} or the file")
+            if numel == 0:
+                out[key] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            first = (8 + n + start) // _mmap.ALLOCATIONGRANULARITY * _mmap.ALLOCATIONGRANULARITY
+            buf = _mmap.mmap(f.fileno(), 8 + n + end - first, access=_mmap.ACCESS_COPY, offset=first)
+            out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + start - first).view(info["shape"])
+    return out
 
 
 def write_checkpoint(path, config: dict, state, max_shard_bytes: int = 5 * 2**30,

@@ -107,6 +107,14 @@ def build_parser():
     g.add_argument("--compile", default=False, **FLAG, help="torch.compile each transformer block (regional)")
     g.add_argument("--grad_checkpointing", default=False, **FLAG)
     g.add_argument("--resume", default=False, **FLAG, help="continue from out_dir/train_state")
+    g = p.add_argument_group("memory plan (prints, trains nothing)")
+    g.add_argument("--plan", default=False, **FLAG, help="print the memory per GPU of this run and exit")
+    g.add_argument("--world_size", type=int, default=1, help="--plan: GPUs of the run")
+    g.add_argument("--gpu_mem_gb", type=float, default=None, help="--plan: GiB per GPU, for the largest micro-batch")
+    g.add_argument("--json", default=False, **FLAG, help="--plan: one JSON object (bytes per GPU)")
+    g.add_argument("--fsdp", default=False, **FLAG,
+                   help="shard the model, gradients and optimizer over the ranks (FSDP2; under torchrun), "
+                        "for bases that do not fit one GPU beside their activations; default DDP")
     return p
 
 
@@ -134,7 +142,8 @@ def parse_args(argv):
 # (checked in restore): dropout masks are keyed to the data position, not to the rank.
 RESUME_MAY_CHANGE = {"max_iters", "epochs", "eval_interval", "save_interval", "log_interval", "device",
                      "compile", "grad_checkpointing", "resume", "out_dir", "init_from", "data",
-                     "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers"}
+                     "grad_accum_steps", "cache_dir", "rebuild_cache", "data_workers",
+                     "fsdp", "plan", "world_size", "gpu_mem_gb", "json"}
 
 
 # -----------------------------------------------------------------------------
@@ -170,15 +179,31 @@ def get_lr(it, total, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
 
 
-def setup_model(args, device, ptdtype, log):
-    """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode."""
+def setup_model(args, device, ptdtype, log, sharded=False):
+    """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode.
+
+    sharded: the base stays memory-mapped in its file dtype (new tensors are made in that dtype),
+    for shard_model to cast and shard block by block."""
     if args.quantize and args.mode == "full":
         raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
+    if args.quantize and sharded:
+        raise ValueError(f"--quantize {args.quantize} with --fsdp is not supported yet: run the NF4 base with DDP "
+                         f"(it is a quarter of the bf16 size), or --fsdp without --quantize")
     # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
-    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None)
+    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None, mmap=sharded)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
-    for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
-        p.data = p.data.to(ptdtype)
+    if not sharded:
+        for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
+            p.data = p.data.to(ptdtype)
+    make_trainable(model, args, log)
+    if sharded:
+        return model, file_dtype
+    cast_params(model, ptdtype)
+    return model.to(device), file_dtype
+
+
+def make_trainable(model, args, log):
+    """Upcycle / add LoRA / unfreeze per --mode (PESC options, LoRA options), in place."""
     targets = tuple(t for t in args.lora_targets.split(",") if t)
     lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 lora_targets=targets)
@@ -215,19 +240,55 @@ def setup_model(args, device, ptdtype, log):
         moe.set_trainable(model, "lora")
     else:
         moe.set_trainable(model, "full")
-    # Trainable tensors live in fp32 (the optimizer's master copy); autocast computes in ptdtype.
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model.to(device), file_dtype
+    return model
 
 
-def enable_grad_checkpointing(model):
-    """Recompute each block's activations in the backward pass, from outside the model."""
+def cast_params(module, ptdtype):
+    """Frozen tensors in the compute dtype; trainable ones in fp32 (the optimizer's master copy,
+    autocast computes in ptdtype)."""
+    for p in module.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(ptdtype)
+
+
+def shard_model(model, args, ptdtype, where):
+    """FSDP2: cast, checkpoint (--grad_checkpointing) and shard each block, then the root.
+
+    Block by block, so that a memory-mapped base is only ever read (and cast) one block at a
+    time, each rank keeping its own shard of every tensor. Frozen and trainable tensors share a
+    block: FSDP2 shards per tensor and reduces gradients only for the trainable ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(where.device_type, (where.world,))
+    # bf16 all-gathers and compute, fp32 gradient reduction (and fp32 master weights)
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
+        if ptdtype != torch.float32 else MixedPrecisionPolicy()
     for block in model.layers:
+        cast_params(block, ptdtype)
+        if args.grad_checkpointing:  # before sharding: the recompute runs inside the block's hooks
+            enable_grad_checkpointing(block)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    if not model.config.tie_embeddings:  # each its own unit: never both read in whole at once
+        for part in (model.tok_embeddings, model.output):
+            cast_params(part, ptdtype)
+            fully_shard(part, mesh=mesh, mp_policy=mp)
+    cast_params(model, ptdtype)  # what is left: the last norm (and a tied embedding)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.inv_freq = model.inv_freq.to(where.device)
+    return model
+
+
+def enable_grad_checkpointing(*blocks):
+    """Recompute these blocks' activations in the backward pass, from outside the model."""
+    for block in blocks:
         block.forward = (lambda f: lambda *a, **kw: checkpoint(f, *a, use_reentrant=False, **kw))(block.forward)
 
 
+def param_group_names(model):
+    """Names of the trainable tensors in AdamW's two groups: with weight decay, and without (norms,
+    biases). The optimizer's state refers to tensors by their place in these lists."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
 def compile_blocks(model, **options):
     """Regional compilation: each transformer block is compiled in place, the rest stays eager.
     The blocks share their code, so one graph serves them all (two with a frozen embedding: the
@@ -249,8 +310,7 @@ def save_state(path, model, optimizer, meta):
     reads and this function first moves back."""
     from safetensors.torch import save_file
 
-    if not os.path.exists(path) and find_state(path) == path + ".old":
-        os.rename(path + ".old", path)
+    reclaim_old_state(path)
     tmp = tempfile.mkdtemp(prefix=".tmp-train_state-", dir=os.path.dirname(path))
     try:
         save_file({n: t.contiguous() for n, t in trainable_state(model).items()},
@@ -264,35 +324,114 @@ def save_state(path, model, optimizer, meta):
         raise
 
 
+def reclaim_old_state(path):
+    """Move path.old back to path when a crash between replace_dir's two renames left only it."""
+    if not os.path.exists(path) and find_state(path) == path + ".old":
+        os.rename(path + ".old", path)
+
+
+def save_sharded(path, model, optimizer, meta, master):
+    """train_state/ of an FSDP run: every rank writes its shards of the trainable tensors and the
+    optimizer (torch.distributed.checkpoint) into one temporary directory that rank 0 renames over
+    the old state (as save_state does) once all are written. The frozen base is never saved.
+
+    Every rank must see out_dir at the same path (one machine, or a shared filesystem)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    tmp = os.path.join(os.path.dirname(path), f".tmp-train_state-{meta['iter']}")  # one name for all ranks
+    if master:
+        reclaim_old_state(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    try:
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        # returns on every rank once all shards and the metadata are written
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, SHARDED))
+        if master:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+            replace_dir(tmp, path)
+    except BaseException:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+
+
+SHARDED = "sharded"  # the directory of train_state/ that holds an FSDP run's torch.distributed.checkpoint
+
+
+def check_trainable(model, shapes, path):
+    """The saved trainable tensors (name -> shape) must be exactly the model's, in the same shapes."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(shapes) != expected:
+        extra, missing = sorted(set(shapes) - expected), sorted(expected - set(shapes))
+        raise KeyError(f"{path}: trainable tensors do not match the model "
+                       f"(unexpected {extra[:3]}, missing {missing[:3]}); was it saved with other model options?")
+    for n, shape in shapes.items():
+        if tuple(shape) != tuple(params[n].shape):
+            raise ValueError(f"{path}: {n} has shape {tuple(shape)}, the model {tuple(params[n].shape)}; "
+                             f"was it saved with other model options?")
+
+
 def load_trainable(model, path):
     """Load trainable.safetensors strictly: exactly the model's trainable tensors, same shapes."""
     from safetensors.torch import load_file
 
     saved = load_file(path)
+    check_trainable(model, {n: t.shape for n, t in saved.items()}, path)
     params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(saved) != expected:
-        extra, missing = sorted(set(saved) - expected), sorted(expected - set(saved))
-        raise KeyError(f"{path}: trainable tensors do not match the model "
-                       f"(unexpected {extra[:3]}, missing {missing[:3]})")
     with torch.no_grad():
         for n, t in saved.items():
-            if t.shape != params[n].shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
             params[n].copy_(t)
 
 
-def export(model, out_dir, dtype, init_from, template, template_given, options):
+def load_sharded(model, optimizer, path):
+    """Load an FSDP run's sharded state into a model sharded or not, on any number of ranks
+    (torch.distributed.checkpoint reads each rank's part of every saved tensor)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(path, SHARDED),
+             no_dist=not dist.is_initialized())  # one process: read every shard here
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+
+
+def load_full_into_sharded(model, optimizer, path):
+    """Load a DDP / one-process state (trainable.safetensors, optimizer.pt) into an FSDP model:
+    every rank reads the whole (small) trainable state and keeps its shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    full = load_file(os.path.join(path, "trainable.safetensors"))
+    check_trainable(model, {n: t.shape for n, t in full.items()}, path)
+    saved = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    names = [n for group in param_group_names(model) for n in group]  # optimizer.pt numbers them so
+    by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=full, optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def export(model, out_dir, dtype, init_from, template, template_given, options, writer=True):
     """Write the final standalone checkpoint at the root of out_dir, file by file atomically.
 
     LoRA is merged into the base weights. The tokenizer files of init_from come along, and
-    tokenizer_config.json names the chat template (when there was none, or --template chose it)."""
+    tokenizer_config.json names the chat template (when there was none, or --template chose it).
+    An FSDP model is gathered one tensor at a time, so no rank ever holds the whole model: every
+    rank calls this (the gathers are collectives), the one with writer=True writes."""
+    from torch.distributed.tensor import DTensor
+
     # Frozen tensors are copied from init_from's files: the model held them in the compute dtype
     # (bf16 on GPU), which would round an fp16 or fp32 base. LoRA deltas are added to the file's
     # values in fp32.
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    deltas = {f"{n}.weight": m.scale * (m.lora_b.float() @ m.lora_a.float())
-              for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
+    lora = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, moe.LoRALinear)}
     config = model.config  # the exported model: LoRA merged, every base weight in full precision
     if config.moe is not None:
         config = replace(config, moe=replace(config.moe, lora_rank=0))
@@ -303,17 +442,28 @@ def export(model, out_dir, dtype, init_from, template, template_given, options):
     for fname in checkpoint_files(init_from):
         with safe_open(fname, framework="pt") as f:
             base_file.update((k, fname) for k in f.keys())
+    full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach()  # noqa: E731
 
     def tensors():  # one at a time, so the export never holds a second copy of the model
         for k in keys:
             if k == "output.weight" and config.tie_embeddings:
                 continue
-            if k in trained or k not in base_file:
-                yield k, current[k].detach().to(dtype).contiguous()
+            from_model = k in trained or k not in base_file
+            t = full(current[k]) if from_model else None
+            delta = None
+            if k in lora:
+                m = lora[k]
+                delta = m.scale * (full(m.lora_b).float() @ full(m.lora_a).float())
+            if not writer:
                 continue
-            with safe_open(base_file[k], framework="pt") as f:
-                t = f.get_tensor(k)
-            yield k, ((t.float() + deltas[k].cpu()) if k in deltas else t).to(dtype).contiguous()
+            if not from_model:
+                with safe_open(base_file[k], framework="pt") as f:
+                    t = f.get_tensor(k)
+            yield k, ((t.float() + delta.cpu()) if delta is not None else t).to(dtype).contiguous()
+    if not writer:
+        for _ in tensors():
+            pass
+        return
     stage = tempfile.mkdtemp(prefix=".tmp-export-", dir=out_dir)
     try:
         extra = tokenizer_files(init_from)
@@ -354,6 +504,7 @@ class Dist:
     world: int
     device: str
     device_type: str
+    fsdp: bool = False  # the model is sharded (FSDP2) rather than replicated (DDP)
 
     @property
     def master(self):
@@ -445,6 +596,10 @@ def to_device(batch, device):
 def train(args, given=frozenset()):
     """Run one training job; returns {"iter", "loss", "val_loss", "out_dir", "stopped"}."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if args.fsdp and not ddp:
+        raise SystemExit("train.py: --fsdp shards the model over several processes; launch it with torchrun, "
+                         "e.g. torchrun --standalone --nproc_per_node=NUM_GPUS train.py --fsdp ... "
+                         "(or drop --fsdp for one process)")
     rank, local_rank, world = 0, 0, 1
     if ddp:
         rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -458,7 +613,7 @@ def train(args, given=frozenset()):
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     try:
         with StopSignal() as stop:
-            run = setup(args, given, Dist(ddp, rank, world, device, device_type))
+            run = setup(args, given, Dist(ddp, rank, world, device, device_type, fsdp=args.fsdp))
             return loop(run, stop)
     finally:
         if ddp:
@@ -502,13 +657,16 @@ def setup(args, given, where):
 
     # Same seed on every rank while building, so that new adapters start identical everywhere.
     torch.manual_seed(args.seed)
-    model, file_dtype = setup_model(args, where.device, ptdtype, log)
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(model)
+    model, file_dtype = setup_model(args, where.device if not where.fsdp else "cpu", ptdtype, log,
+                                    sharded=where.fsdp)
     log(moe.trainable_report(model))
+    if where.fsdp:
+        shard_model(model, args, ptdtype, where)
+    elif args.grad_checkpointing:
+        enable_grad_checkpointing(*model.layers)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
-    no_decay = [p for p in params if p.dim() < 2]
+    named = dict(model.named_parameters())
+    decay, no_decay = ([named[n] for n in names] for names in param_group_names(model))
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(args.beta1, args.beta2), fused=where.device_type == "cuda")
@@ -520,7 +678,7 @@ def setup(args, given, where):
         restore(run, saved, state)
     if args.compile:
         compile_blocks(run.raw_model)
-    if where.ddp:
+    if where.ddp and not where.fsdp:
         # no buffer broadcast per step: the buffers (RoPE, an NF4 base) are equal on every rank.
         # torch 2.13 renamed the option (the old name warns); 2.11 and 2.12 know only the old one.
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
@@ -545,7 +703,8 @@ def read_state(path, args, given):
                              f"{saved.get(k)!r}; an exact resume needs the same value")
     known = vars(build_parser().parse_args([]))
     state["args"] = argparse.Namespace(**{**known, **{k: v for k, v in saved.items() if k in known},
-                                          **{k: getattr(args, k) for k in given}, "device": args.device})
+                                          **{k: getattr(args, k) for k in given}, "device": args.device,
+                                          "fsdp": args.fsdp})  # how this run is launched decides
     return state
 
 
@@ -565,9 +724,15 @@ def restore(run, path, state):
         raise ValueError(f"--resume: the run in {path} took {saved_rows} rows per optimizer step, now "
                          f"--batch_size {a.batch_size} x --grad_accum_steps {a.grad_accum_steps} x "
                          f"{run.dist.world} rank{'s' if run.dist.world > 1 else ''} = {run.rows_per_step}; pass {hint}")
-    load_trainable(run.raw_model, os.path.join(path, "trainable.safetensors"))
-    run.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=run.dist.device,
-                                             weights_only=True))
+    if os.path.isdir(os.path.join(path, SHARDED)):  # written by an FSDP run
+        check_trainable(run.raw_model, state["shapes"], path)
+        load_sharded(run.raw_model, run.optimizer, path)
+    elif run.dist.fsdp:
+        load_full_into_sharded(run.raw_model, run.optimizer, path)
+    else:
+        load_trainable(run.raw_model, os.path.join(path, "trainable.safetensors"))
+        run.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=run.dist.device,
+                                                 weights_only=True))
     run.it, run.data_row = state["iter"], state["data_row"]
     run.last_saved = run.it
     run.log(f"resumed at iteration {run.it} (row {run.data_row} of the data stream) from {path}")
@@ -619,7 +784,7 @@ def loop(run, stop):
             why = stop.received or "a stop signal on another rank"
             launcher = f"torchrun --nproc_per_node={run.dist.world}" if run.dist.ddp else "python"
             run.log(f"stopped by {why} after iteration {run.it}; the state is in {run.state_dir}. Resume with:\n"
-                    f"  {launcher} train.py --out_dir {args.out_dir} --resume")
+                    f"  {launcher} train.py --out_dir {args.out_dir} --resume{' --fsdp' if run.dist.fsdp else ''}")
             return {"iter": run.it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir,
                     "stopped": why}
         if args.save_interval > 0 and run.it % args.save_interval == 0 and run.it < run.total:
@@ -628,9 +793,9 @@ def loop(run, stop):
     if run.data.val:
         val_loss = evaluate(run)
     save(run)
-    if run.dist.master:
+    if run.dist.master or run.dist.fsdp:
         export(run.raw_model, args.out_dir, run.file_dtype, args.init_from, run.tokenizer.template,
-               bool(args.template), vars(args))
+               bool(args.template), vars(args), writer=run.dist.master)
         run.log(f"saved the {'PESC' if run.raw_model.config.moe is not None else 'dense'} checkpoint "
                 f"to {args.out_dir}")
     return {"iter": run.it, "loss": loss_avg, "val_loss": val_loss, "out_dir": args.out_dir, "stopped": None}
@@ -651,7 +816,9 @@ def train_step(run, lr, stop_requested=False):
         start = run.data_row + (run.dist.rank * args.grad_accum_steps + micro) * args.batch_size
         idx, targets, kw = to_device(run.data.train_batch(start, args.batch_size), run.dist.device)
         torch.manual_seed(dropout_seed(args.seed, start))  # every dropout mask of these rows (CPU and CUDA)
-        if run.dist.ddp:
+        if run.dist.fsdp:  # reduce-scatter only after the last micro-step; until then grads add up unsharded
+            run.model.set_requires_gradient_sync(micro == args.grad_accum_steps - 1)
+        elif run.dist.ddp:
             # All-reduce the gradients only on the last micro-step: the earlier ones just
             # accumulate locally (what no_sync() does, without a context manager).
             run.model.require_backward_grad_sync = micro == args.grad_accum_steps - 1
@@ -666,10 +833,19 @@ def train_step(run, lr, stop_requested=False):
                 stats["load"] += out.expert_load.float()
             stats["tokens"] += idx.numel()  # positions computed, padding included
     stats["stop"] += float(stop_requested)
+    if run.dist.fsdp:  # each rank holds a shard of every gradient: the squared norm is a sum over ranks
+        with torch.no_grad():
+            local = [p.grad.to_local() for p in run.params if p.grad is not None]
+            stats["grad_sq"] = sum((g.float().pow(2).sum() for g in local), zero())
     stats = reduce_stats(stats, run.dist.ddp)
     for k in ("lm_loss", "aux_loss", "z_loss"):
         stats[k] /= args.grad_accum_steps * run.dist.world
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if run.dist.fsdp:
+        grad_norm = stats["grad_sq"].sqrt()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(run.params, args.grad_clip, grad_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     # one host sync per step: the non-finite check must come before the update
     loss, norm, tokens, stop = torch.stack([stats["lm_loss"], grad_norm.float(), stats["tokens"],
                                             stats["stop"]]).tolist()
@@ -721,11 +897,18 @@ def evaluate(run):
     raw.eval()
     sums = torch.zeros(len(sources), 2, device=run.dist.device)  # per source: loss sum, target count
     for source in range(len(sources)):
-        for batch in run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source):
+        batches = list(run.data.val_batches(run.args.batch_size, run.dist.rank, run.dist.world, source))
+        counted = len(batches)
+        if run.dist.fsdp:
+            # every forward all-gathers with the other ranks: a rank with fewer rows repeats a batch
+            # (not counted) so that all ranks run as many forwards as rank 0, which has the most
+            first = list(run.data.val_batches(run.args.batch_size, 0, run.dist.world, source))
+            batches += (batches or first)[:1] * (len(first) - counted)
+        for i, batch in enumerate(batches):
             idx, targets, kw = to_device(batch, run.dist.device)
             with run.autocast:
                 lm_loss = raw(idx, targets, **kw).lm_loss
-            n = (targets != IGNORE_INDEX).sum()
+            n = (targets != IGNORE_INDEX).sum() * (i < counted)
             sums[source] += torch.stack([lm_loss.float() * n, n.float()])
     if run.dist.ddp:
         dist.all_reduce(sums)
@@ -739,11 +922,15 @@ def evaluate(run):
 
 
 def save(run):
-    """Write train_state/ (rank 0; every rank holds the same trainable tensors and optimizer)."""
-    if run.dist.master:
-        meta = {"iter": run.it, "data_row": run.data_row, "options": vars(run.args), "base_fingerprint": run.base_fp,
-                "data_hash": run.data_fp, "trainable": sorted(trainable_state(run.raw_model)),
-                "world_size": run.dist.world, "rows_per_step": run.rows_per_step}
+    """Write train_state/: rank 0 alone when every rank holds the same trainable tensors and
+    optimizer (DDP), every rank its shards under FSDP."""
+    shapes = {n: list(p.shape) for n, p in run.raw_model.named_parameters() if p.requires_grad}
+    meta = {"iter": run.it, "data_row": run.data_row, "options": vars(run.args), "base_fingerprint": run.base_fp,
+            "data_hash": run.data_fp, "trainable": sorted(shapes), "shapes": shapes,
+            "world_size": run.dist.world, "rows_per_step": run.rows_per_step}
+    if run.dist.fsdp:
+        save_sharded(run.state_dir, run.raw_model, run.optimizer, meta, run.dist.master)
+    elif run.dist.master:
         save_state(run.state_dir, run.raw_model, run.optimizer, meta)
     run.last_saved = run.it
 
@@ -897,9 +1084,40 @@ def main(argv=None):
     if not argv:
         return demo()
     args, given = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     return train(args, given)
+
+
+def print_plan(args):
+    """--plan: build the run's model on the meta device (no weights read) and print its memory per GPU."""
+    import plan
+    from model import PRESETS, ModelConfig
+
+    if args.world_size < 1:
+        raise SystemExit(f"train.py --plan: --world_size must be at least 1, got {args.world_size}")
+    cfg_file = os.path.join(args.init_from, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            config = ModelConfig.from_dict(json.load(f), cfg_file)
+    elif args.init_from in PRESETS:
+        config = ModelConfig.from_preset(args.init_from)
+    else:
+        raise SystemExit(f"train.py --plan: --init_from {args.init_from!r} is neither a checkpoint directory "
+                         f"(no config.json) nor a preset ({', '.join(PRESETS)})")
+    dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        model = make_trainable(Transformer(config), args, lambda *a: None)
+    cast_params(model, dtype)
+    result = plan.memory_plan(model, world=args.world_size, fsdp=args.fsdp, batch=args.batch_size,
+                              seq_len=args.seq_len, grad_accum_steps=args.grad_accum_steps,
+                              grad_checkpointing=args.grad_checkpointing, compute_dtype=dtype,
+                              gpu_mem_gb=args.gpu_mem_gb, packed=args.pack)
+    print(json.dumps(result) if args.json else plan.format_plan(result))
+    return result
 
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(PREEMPTED if result and result["stopped"] else 0)
+    sys.exit(PREEMPTED if result and result.get("stopped") else 0)
