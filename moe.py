@@ -18,6 +18,7 @@ stale copy behind. `set_trainable` alone decides which tensors train in each tra
 This module never imports model.py: `upcycle` works on the model instance it is given.
 """
 
+import contextlib
 import math
 import os
 import threading
@@ -437,8 +438,9 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scale):
         device = x.device.type
-        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # meta: a plan's trace
+        dt = torch.get_autocast_dtype(device) if autocast else x.dtype
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             W, A, Bs = weight.to(dt), lora_a.to(dt), (scale * lora_b).to(dt)  # Bs: r columns, cheap
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
             xd2 = x2 if x_drop is x else x_drop.reshape(-1, x.shape[-1]).to(dt)
