@@ -837,7 +837,8 @@ def bench_data(args):
 def bench_fsdp_load(args):
     """Peak resident memory per rank while 2 CPU ranks (gloo) load a ~1B-parameter random fp32
     checkpoint as train.py --fsdp does (memory-mapped files, cast and sharded block by block, each
-    rank keeping its shard of every tensor), against the whole-model load of DDP. The fixed
+    rank keeping its shard of every tensor; with lora+nf4 the base quantized to NF4 as it streams
+    in, then its bytes sharded), against the whole-model load of DDP. The fixed
     overhead is the rank's peak before loading (torch, gloo); each mode runs in fresh processes."""
     import tempfile
 
@@ -854,7 +855,7 @@ def bench_fsdp_load(args):
         write_checkpoint(d, cfg.to_dict(), tensors, max_shard_bytes=2**30)
         print(f"[fsdp_load] random checkpoint: {sum(math.prod(s) for s in shapes.values()) / 1e9:.2f}B parameters, "
               f"fp32, {model_mib:.0f} MiB")
-        for how, mode in (("fsdp", "lora"), ("fsdp", "pesc"), ("whole", "lora")):
+        for how, mode in (("fsdp", "lora"), ("fsdp", "pesc"), ("fsdp", "lora+nf4"), ("whole", "lora")):
             queue, port = ctx.Queue(), 29500 + os.getpid() % 1000
             procs = [ctx.Process(target=fsdp_load_worker, args=(rank, 2, port, d, how, mode, queue)) for rank in (0, 1)]
             for p in procs:
@@ -882,7 +883,8 @@ def fsdp_load_worker(rank, world, port, ckpt, how, mode, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     idle = peak_mib()
-    args = train.parse_args(["--init_from", ckpt, "--mode", mode, "--dtype", "float32"])[0]
+    mode, _, quantize = mode.partition("+")  # lora+nf4: QLoRA, the NF4 base sharded too
+    args = train.parse_args(["--init_from", ckpt, "--mode", mode, "--dtype", "float32", "--quantize", quantize])[0]
     torch.manual_seed(0)
     net, _ = train.setup_model(args, "cpu", torch.float32, lambda *a: None, sharded=how == "fsdp")
     if how == "fsdp":

@@ -557,11 +557,11 @@ class Transformer(nn.Module):
                         raise KeyError(f"{fname}: unexpected tensor {key!r} for this config"
                                        + (" (the checkpoint is already quantized; load the full-precision "
                                           "base)" if quantized else ""))
-                    t = mapped[key] if mapped is not None else f.get_tensor(key)
+                    t = mapped.pop(key) if mapped is not None else f.get_tensor(key)  # pop: an NF4 source unmaps
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{fname}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"config expects {tuple(expected[key].shape)}")
-                    if quantize and _QUANTIZED_KEY.fullmatch(key):
+                    if quantize and QUANTIZED_KEY.fullmatch(key):
                         if not t.is_floating_point():
                             raise ValueError(f"{fname}: {key!r} is {t.dtype}, already quantized; "
                                              f"quantize='nf4' needs the full-precision base")
@@ -638,7 +638,7 @@ def peak_flops(device=None, dtype=torch.bfloat16):
     return next((table[key] for gpu, table in PEAK_FLOPS.items() if gpu in name), None)
 # The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LORA_TARGETS),
 # never embeddings, norms, the LM head, routers or adapters.
-_QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"
+QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"
                             % "|".join(moe.LORA_TARGETS.values()))
 
 

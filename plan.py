@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import moe
+import quant
+from model import QUANTIZED_KEY
 
 GIB = 2**30
 
@@ -34,13 +36,25 @@ def unique_params(model):
     return list({id(p): p for p in model.parameters()}.values())  # a tied weight counts once
 
 
-def state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps):
-    """Bytes per GPU of the frozen weights (compute dtype), the trainable fp32 master weights,
-    their fp32 gradients and AdamW's two fp32 moments plus its step counter per tensor."""
+def state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps, quantize=None):
+    """Bytes per GPU of the frozen weights (compute dtype; with quantize="nf4" the seven base
+    linears of every block in NF4, sharded under FSDP as quant.NF4Linear.flatten_ lays them out),
+    the trainable fp32 master weights, their fp32 gradients and AdamW's two fp32 moments plus its
+    step counter per tensor."""
     each = (lambda p: shard_numel(p.shape, world)) if fsdp else (lambda p: p.numel())
     params = unique_params(model)
     trainable = [p for p in params if p.requires_grad]
-    frozen = sum(each(p) for p in params if not p.requires_grad) * compute_dtype.itemsize
+    nf4 = {id(p) for n, p in model.named_parameters() if quantize and QUANTIZED_KEY.fullmatch(n)}
+    storage = compute_dtype.itemsize if compute_dtype in (torch.bfloat16, torch.float16) else 1  # train.shard_model
+
+    def frozen_bytes(p):
+        if id(p) not in nf4:
+            return each(p) * compute_dtype.itemsize
+        if not fsdp:
+            return quant.packed_nbytes(p.shape)
+        return shard_numel((quant.packed_nbytes(p.shape, aligned=True) // storage,), world) * storage
+
+    frozen = sum(frozen_bytes(p) for p in params if not p.requires_grad)
     master = sum(each(p) for p in trainable) * 4
     out = {"frozen_weights": frozen, "trainable_weights": master, "gradients": master,
            "adamw_states": 2 * master + 4 * len(trainable)}
@@ -120,14 +134,14 @@ def activation_bytes(model, batch, seq_len, packed=True):
 
 
 def memory_plan(model, *, world, fsdp, batch, seq_len, grad_accum_steps, grad_checkpointing, compute_dtype,
-                gpu_mem_gb=None, packed=True):
+                gpu_mem_gb=None, packed=True, quantize=None):
     """Every term per GPU in bytes, the parameter counts, and the largest micro-batch that fits."""
     params = unique_params(model)
     plan = {"parameters": {"total": sum(p.numel() for p in params),
                            "trainable": sum(p.numel() for p in params if p.requires_grad)},
             "world_size": world, "fsdp": fsdp, "batch_size": batch, "seq_len": seq_len,
-            "grad_checkpointing": grad_checkpointing}
-    terms = state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps)
+            "grad_checkpointing": grad_checkpointing, "quantize": quantize}
+    terms = state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps, quantize)
     plain, ckpt, logits = activation_bytes(model, batch, seq_len, packed)
     terms["activations_without_checkpointing"] = plain
     terms["activations_with_checkpointing"] = ckpt
@@ -147,6 +161,7 @@ def memory_plan(model, *, world, fsdp, batch, seq_len, grad_accum_steps, grad_ch
 def format_plan(plan) -> str:
     p, t = plan["parameters"], plan["bytes_per_gpu"]
     how = "FSDP" if plan["fsdp"] else ("DDP" if plan["world_size"] > 1 else "one GPU")
+    how += ", NF4 base" if plan.get("quantize") == "nf4" else ""
     lines = [f"parameters: total {p['total']:,}, trainable {p['trainable']:,} "
              f"({100 * p['trainable'] / max(p['total'], 1):.2f}%)",
              f"per GPU ({how}, {plan['world_size']} GPU{'s' if plan['world_size'] > 1 else ''}), micro-batch "

@@ -185,6 +185,20 @@ def dequantize_nf4(packed: NF4Weight, dtype=torch.float32) -> torch.Tensor:
 # The frozen NF4 linear
 
 
+PACKED_NAMES = ("codes", "absmax", "absmax_scale", "absmax_offset")
+_ALIGN = 16  # bytes: each packed tensor starts on a boundary every dtype can be viewed at
+
+
+def packed_nbytes(shape, blocksize: int = 64, double_quant: bool = True, aligned: bool = False) -> int:
+    """Bytes of the packed tensors of a weight of this shape (codes, absmax, absmax_scale,
+    absmax_offset); aligned=True: as NF4Linear.flatten_ lays them out (before FSDP's padding)."""
+    n = math.prod(shape)
+    blocks = -(-n // blocksize)
+    parts = ((n + 1) // 2, blocks * (1 if double_quant else 4),
+             4 * -(-blocks // ABSMAX_BLOCKSIZE) if double_quant else 0, 4)
+    return sum(-(-p // _ALIGN) * _ALIGN if aligned else p for p in parts)
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x @ W^T with W dequantized from `packed` in x's dtype. Saves nothing weight-sized: the
     backward dequantizes again for dx = g @ W. The base is frozen, so there is no dW."""
@@ -209,32 +223,63 @@ def nf4_linear(x, packed: NF4Weight, bias=None):
 
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 (state-dict-free: the quantized base
-    is never saved; checkpoints keep the full-precision base it came from)."""
+    is never saved; checkpoints keep the full-precision base it came from).
+
+    The packed tensors are buffers, which FSDP2 does not shard. flatten_() moves their bytes into
+    one frozen parameter instead, which FSDP2 shards and all-gathers like any other weight."""
 
     def __init__(self, packed: NF4Weight, bias=None):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.shape, self.blocksize, self.dtype = packed.shape, packed.blocksize, packed.dtype
-        for name, t in zip(("codes", "absmax", "absmax_scale", "absmax_offset"), packed.tensors()):
+        for name, t in zip(PACKED_NAMES, packed.tensors()):
             self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.layout = None  # flatten_(): where each packed tensor lies in self.storage
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True):
         return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias)
 
+    def flatten_(self, dtype=torch.uint8):
+        """Put the packed tensors' bytes, each section aligned to 16 bytes, into one flat frozen
+        parameter `storage` whose elements are `dtype` (the bytes reinterpreted, never converted).
+        FSDP2 then shards it like a weight. dtype should be the run's FSDP parameter dtype (bf16
+        or fp16 under mixed precision) so that no torch version's mixed-precision cast converts
+        it; uint8 where there is no mixed precision."""
+        if self.layout is not None:
+            return self
+        tensors = [self._buffers.pop(n) for n in PACKED_NAMES]
+        self.layout, start = [], 0
+        for t in tensors:
+            self.layout.append((start, t.numel() * t.element_size(), t.dtype, tuple(t.shape)))
+            start += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        flat = torch.zeros(start, dtype=torch.uint8, device=tensors[0].device)
+        for (s, n, _, _), t in zip(self.layout, tensors):
+            flat[s:s + n] = t.reshape(-1).view(torch.uint8)
+        self.storage = nn.Parameter(flat.view(dtype), requires_grad=False)
+        return self
+
     @property
     def packed(self) -> NF4Weight:
-        return NF4Weight(self.codes, self.absmax, self.absmax_scale, self.absmax_offset, self.shape, self.blocksize,
-                         self.dtype)
+        if self.layout is None:
+            tensors = [self._buffers[n] for n in PACKED_NAMES]
+        else:  # views into storage (under FSDP2: the all-gathered parameter while the block runs)
+            raw = self.storage.view(torch.uint8)
+            tensors = [raw[s:s + n].view(dt).view(shape) for s, n, dt, shape in self.layout]
+        return NF4Weight(*tensors, self.shape, self.blocksize, self.dtype)
 
     def forward(self, x):
         return nf4_linear(x, self.packed, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would round the fp32 absmax scales: the buffers only change device
+        # .to(dtype) / .half() would round the fp32 absmax scales (or convert the bytes of
+        # storage): the packed tensors only change device
+        device = lambda t: fn(torch.empty(0, device=t.device)).device  # noqa: E731
         for name, t in self._buffers.items():
-            self._buffers[name] = t.to(fn(torch.empty(0, device=t.device)).device)
+            self._buffers[name] = t.to(device(t))
+        if self.layout is not None:
+            self.storage.data = self.storage.data.to(device(self.storage))
         if self.bias is not None:
             self.bias.data = fn(self.bias.data)
         return self

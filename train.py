@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import moe
+import quant
 from data import IGNORE_INDEX, InstructionData, data_hash
 from model import FLAG, Transformer, checkpoint_files, peak_flops, replace_dir, write_checkpoint
 from tokenizer import Tokenizer, tokenizer_files, write_tokenizer_config
@@ -179,16 +180,17 @@ def get_lr(it, total, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.lr - args.min_lr)
 
 
+def check_quantize(args):
+    if args.quantize and args.mode == "full":
+        raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
+
+
 def setup_model(args, device, ptdtype, log, sharded=False):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode.
 
     sharded: the base stays memory-mapped in its file dtype (new tensors are made in that dtype),
     for shard_model to cast and shard block by block."""
-    if args.quantize and args.mode == "full":
-        raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
-    if args.quantize and sharded:
-        raise ValueError(f"--quantize {args.quantize} with --fsdp is not supported yet: run the NF4 base with DDP "
-                         f"(it is a quarter of the bf16 size), or --fsdp without --quantize")
+    check_quantize(args)
     # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
     model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None, mmap=sharded)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
@@ -246,8 +248,10 @@ def make_trainable(model, args, log):
 def cast_params(module, ptdtype):
     """Frozen tensors in the compute dtype; trainable ones in fp32 (the optimizer's master copy,
     autocast computes in ptdtype)."""
+    nf4_bytes = {id(m.storage) for m in module.modules() if isinstance(m, quant.NF4Linear) and m.layout}
     for p in module.parameters():
-        p.data = p.data.float() if p.requires_grad else p.data.to(ptdtype)
+        if id(p) not in nf4_bytes:  # an NF4 base's packed bytes are never converted (NF4Linear.flatten_)
+            p.data = p.data.float() if p.requires_grad else p.data.to(ptdtype)
 
 
 def shard_model(model, args, ptdtype, where):
@@ -255,7 +259,9 @@ def shard_model(model, args, ptdtype, where):
 
     Block by block, so that a memory-mapped base is only ever read (and cast) one block at a
     time, each rank keeping its own shard of every tensor. Frozen and trainable tensors share a
-    block: FSDP2 shards per tensor and reduces gradients only for the trainable ones."""
+    block: FSDP2 shards per tensor and reduces gradients only for the trainable ones. An NF4 base
+    is sharded too: each NF4 linear's packed bytes become one frozen parameter, typed as the
+    all-gather dtype so that mixed precision leaves the bytes alone (quant.NF4Linear.flatten_)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -263,8 +269,12 @@ def shard_model(model, args, ptdtype, where):
     # bf16 all-gathers and compute, fp32 gradient reduction (and fp32 master weights)
     mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
         if ptdtype != torch.float32 else MixedPrecisionPolicy()
+    storage = ptdtype if ptdtype in (torch.bfloat16, torch.float16) else torch.uint8
     for block in model.layers:
         cast_params(block, ptdtype)
+        for m in block.modules():
+            if isinstance(m, quant.NF4Linear):
+                m.flatten_(storage)
         if args.grad_checkpointing:  # before sharding: the recompute runs inside the block's hooks
             enable_grad_checkpointing(block)
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -662,6 +672,10 @@ def setup(args, given, where):
     log(moe.trainable_report(model))
     if where.fsdp:
         shard_model(model, args, ptdtype, where)
+        if args.quantize:
+            nf4 = [m.storage for m in model.modules() if isinstance(m, quant.NF4Linear)]
+            log(f"NF4 base sharded over {where.world} ranks: {sum(p.to_local().nbytes for p in nf4) / 2**20:.2f} "
+                f"MiB of {sum(p.nbytes for p in nf4) / 2**20:.2f} MiB on rank 0")
     elif args.grad_checkpointing:
         enable_grad_checkpointing(*model.layers)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1106,6 +1120,7 @@ def print_plan(args):
         raise SystemExit(f"train.py --plan: --init_from {args.init_from!r} is neither a checkpoint directory "
                          f"(no config.json) nor a preset ({', '.join(PRESETS)})")
     dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
+    check_quantize(args)
     torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = make_trainable(Transformer(config), args, lambda *a: None)
@@ -1113,7 +1128,7 @@ def print_plan(args):
     result = plan.memory_plan(model, world=args.world_size, fsdp=args.fsdp, batch=args.batch_size,
                               seq_len=args.seq_len, grad_accum_steps=args.grad_accum_steps,
                               grad_checkpointing=args.grad_checkpointing, compute_dtype=dtype,
-                              gpu_mem_gb=args.gpu_mem_gb, packed=args.pack)
+                              gpu_mem_gb=args.gpu_mem_gb, packed=args.pack, quantize=args.quantize or None)
     print(json.dumps(result) if args.json else plan.format_plan(result))
     return result
 

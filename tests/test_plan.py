@@ -11,6 +11,7 @@ import torch
 
 import moe
 import plan
+import quant
 import train
 from data import attention_inputs
 from model import ModelConfig, Transformer
@@ -64,6 +65,32 @@ def test_state_terms_are_what_the_model_holds(mode):
     assert terms["gradients"] == nbytes(p.grad for p in params if p.requires_grad)
     assert terms["adamw_states"] == nbytes(v for s in opt.state.values() for v in s.values())
 
+
+
+@pytest.mark.parametrize("mode", ["pesc", "lora"])
+def test_nf4_frozen_term_is_what_the_model_holds(mode, tmp_path):
+    # --quantize nf4: the meta model's plan against a model loaded in NF4, whole (DDP) and as
+    # train.shard_model lays its bytes out for FSDP (quant.NF4Linear.flatten_, split on dim 0)
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "base"))
+    args = train.parse_args(["--mode", mode, "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "4",
+                             "--quantize", "nf4"])[0]
+    real = train.make_trainable(Transformer.from_pretrained(str(tmp_path / "base"), quantize="nf4"), args,
+                                lambda *a: None)
+    train.cast_params(real, torch.float32)
+    with torch.device("meta"):
+        meta = train.make_trainable(Transformer(ModelConfig.from_preset("tiny")), args, lambda *a: None)
+    nf4 = [m for m in real.modules() if isinstance(m, quant.NF4Linear)]
+    assert len(nf4) == 7 * real.config.n_layers
+    frozen = sum(p.nbytes for p in plan.unique_params(real) if not p.requires_grad)
+    whole = plan.state_bytes(meta, 1, False, torch.float32, 1, quantize="nf4")
+    assert whole["frozen_weights"] == frozen + sum(b.nbytes for m in nf4 for b in m.buffers())
+    for m in nf4:
+        m.flatten_(torch.uint8)  # what shard_model does for an fp32 run
+    sharded = sum(plan.shard_numel(p.shape, 2) * p.element_size() for p in plan.unique_params(real)
+                  if not p.requires_grad)
+    assert plan.state_bytes(meta, 2, True, torch.float32, 1, quantize="nf4")["frozen_weights"] == sharded
+    assert whole["trainable_weights"] == plan.state_bytes(meta, 1, False, torch.float32, 1)["trainable_weights"]
 
 def test_shards_are_the_ones_fsdp_makes():
     # FSDP2 splits dim 0 as torch.chunk does; the plan counts the largest shard

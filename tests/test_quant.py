@@ -201,6 +201,30 @@ def test_nf4_linear_autocast_and_to():
     assert nf4.absmax_scale.dtype == torch.float32 and torch.equal(nf4.absmax_scale, scale)
 
 
+
+@pytest.mark.parametrize("shape, double_quant, dtype", [((72, 96), True, torch.uint8), ((5, 129), True, torch.bfloat16),
+                                                        ((33, 64), False, torch.float16)])
+def test_nf4_linear_flattened_for_fsdp(shape, double_quant, dtype):
+    """flatten_ (what FSDP2 shards): the packed bytes in one frozen parameter, the same weight,
+    forward and input gradient bit for bit; its size as packed_nbytes says; never converted."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(shape[1], shape[0], bias=True)
+    a = quant.NF4Linear.from_linear(lin, double_quant=double_quant)
+    b = quant.NF4Linear.from_linear(lin, double_quant=double_quant).flatten_(dtype)
+    assert b.storage.dtype == dtype and not b.storage.requires_grad and not list(b.buffers())
+    assert b.storage.nbytes == quant.packed_nbytes(shape, double_quant=double_quant, aligned=True)
+    assert a.packed.nbytes() == quant.packed_nbytes(shape, double_quant=double_quant)
+    for t, u in zip(a.packed.tensors(), b.packed.tensors()):
+        assert t.dtype == u.dtype and t.shape == u.shape and torch.equal(t, u)
+    b.to(torch.float32)  # a dtype cast moves nothing but the bias: the bytes stay as they are
+    train.cast_params(b, torch.float32)
+    assert b.storage.dtype == dtype
+    x = torch.randn(4, shape[1], requires_grad=True)
+    g = torch.randn(4, shape[0])
+    out_a, out_b = a(x), b(x)
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(*(torch.autograd.grad(o, x, g)[0] for o in (out_a, out_b)))
+
 def test_lora_on_nf4():
     """LoRALinear / add_lora / merge_lora over an NF4 base: W_nf4 x + (alpha/r) B A x."""
     torch.manual_seed(0)

@@ -164,3 +164,22 @@ def test_resume_of_a_sharded_state_with_other_model_options_is_refused(env, tmp_
     json.dump(state, open(out / "train_state" / "state.json", "w"))
     with pytest.raises(ValueError, match=rf"{name} has shape \(3, 3\).*other model options"):
         run(env, out, *DROPOUT, "--max_iters", "2", "--resume", "--grad_accum_steps", "4")
+
+
+def test_fsdp_shards_an_nf4_base_and_equals_ddp(env, tmp_path):
+    # QLoRA under FSDP: the packed NF4 bytes are sharded like any frozen weight, all-gathered per
+    # block (again for the recompute with --grad_checkpointing); the same weights as DDP
+    steps, nf4 = 3, ("--quantize", "nf4")
+    ddp = env["dir"] / "ddp-nf4"
+    torchrun(env, ddp, *DROPOUT, *nf4, "--max_iters", str(steps))
+    expected = state_tensors(ddp, tmp_path)
+    for extra in ((), ("--grad_checkpointing",)):
+        out = env["dir"] / f"fsdp-nf4{'-ckpt' if extra else ''}"
+        output = torchrun(env, out, *DROPOUT, *nf4, "--max_iters", str(steps), "--fsdp", *extra)
+        assert "NF4 base sharded over 2 ranks" in output and "warning" not in output.lower()
+        assert_same_weights(state_tensors(out, tmp_path), expected, reduction(env, steps))
+    # the export: the full-precision base of init_from with LoRA merged, as DDP's
+    a, b = load_file(out / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert a.keys() == b.keys() and not any("lora" in k or "storage" in k for k in a)
+    for k in a:
+        assert_close(a[k], b[k], reduction=reduction(env, steps), name=k)
