@@ -12,3 +12,19 @@ if os.environ.get("PESC_TEST_DEVICE"):
     import torch
 
     torch.set_default_device(os.environ["PESC_TEST_DEVICE"])
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): a second
+    intra-op thread only adds synchronisation, and when the other core is busy (parallel CI jobs)
+    the waiting thread made such tests ~50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ TINY = ModelConfig.from_preset("tiny")
 LL_REDUCTION = TINY.dim * TINY.n_layers  # the longest sum on a logit's path, for the tolerance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation (see test_sample.py)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(kind="dense", **overrides):

@@ -18,7 +18,7 @@ import quant
 import sample
 import train
 from model import ModelConfig, Transformer
-from tokenizer import write_byte_tokenizer
+from test_train import tiny_base
 
 # -----------------------------------------------------------------------------------------------
 # The format, read independently in NumPy from SPEC.md section 6
@@ -253,21 +253,7 @@ def test_lora_on_nf4():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny dense checkpoint (q/k/v bias, tied) with the byte tokenizer and a small chat JSONL."""
-    d = tmp_path_factory.mktemp("quant")
-    torch.manual_seed(0)
-    path = str(d / "base")
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(path)
-    write_byte_tokenizer(os.path.join(path, "tokenizer.model"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "llama3"}, f)
-    data = str(d / "data.jsonl")
-    with open(data, "w") as f:
-        for i in range(40):
-            messages = [{"role": "user", "content": f"add {i} and {i % 7}"},
-                        {"role": "assistant", "content": str(i + i % 7)}]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return {"dir": d, "base": path, "data": data}
+    return tiny_base(tmp_path_factory.mktemp("quant"))
 
 
 QUANTIZED = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}

@@ -18,10 +18,9 @@ from tolerance import assert_close, tolerance
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny dense checkpoint with the byte tokenizer (llama3 template), and a small chat JSONL."""
-    d = tmp_path_factory.mktemp("train")
+def tiny_base(d):
+    """Write into d a tiny dense checkpoint with the byte tokenizer (llama3 template) and a small
+    chat JSONL: {"dir", "base", "data"}."""
     torch.manual_seed(0)
     base = str(d / "base")
     Transformer(ModelConfig.from_preset("tiny")).save_pretrained(base)
@@ -34,12 +33,20 @@ def env(tmp_path_factory):
             messages = [{"role": "user", "content": f"add {i} and {i % 7}"},
                         {"role": "assistant", "content": str(i + i % 7)}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    other = str(d / "other.jsonl")  # a second source, ShareGPT, for mixtures
+    return {"dir": d, "base": base, "data": data}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """tiny_base, plus a second source (ShareGPT) for mixtures."""
+    env = tiny_base(tmp_path_factory.mktemp("train"))
+    d = env["dir"]
+    other = str(d / "other.jsonl")
     with open(other, "w") as f:
         for i in range(20):
             turns = [{"from": "human", "value": f"double {i}"}, {"from": "gpt", "value": str(2 * i)}]
             f.write(json.dumps({"conversations": turns}) + "\n")
-    return {"dir": d, "base": base, "data": data, "mix": f"{data}:0.7,{other}:0.3"}
+    return {**env, "mix": f"{env['data']}:0.7,{other}:0.3"}
 
 
 def options(env, out, *extra):
