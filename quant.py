@@ -32,7 +32,7 @@ backward gives only the input gradient, dequantizing the weight again instead of
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,9 @@ class NF4Weight:
 
     def tensors(self):
         return self.codes, self.absmax, self.absmax_scale, self.absmax_offset
+
+    def to(self, device) -> "NF4Weight":
+        return replace(self, **{n: t.to(device) for n, t in zip(PACKED_NAMES, self.tensors())})
 
 
 def _midpoints(levels):

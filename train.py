@@ -185,14 +185,17 @@ def check_quantize(args):
         raise ValueError(f"--quantize {args.quantize} freezes the base linears; --mode full would train them")
 
 
-def setup_model(args, device, ptdtype, log, sharded=False):
+def setup_model(args, device, ptdtype, log, sharded=False, quantize_on=None):
     """Load --init_from and make it a PESC / LoRA / fully trainable model per --mode.
 
     sharded: the base stays memory-mapped in its file dtype (new tensors are made in that dtype),
-    for shard_model to cast and shard block by block."""
+    for shard_model to cast and shard block by block. quantize_on: the device that quantizes an
+    NF4 base (the run's; the packed weights then live on `device`)."""
     check_quantize(args)
-    # NF4 quantizes on the device as the tensors stream in: the full-precision base is never resident
-    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None, mmap=sharded)
+    # NF4 quantizes as the tensors stream in: the full-precision base is never resident. FSDP loads
+    # into CPU memory (shard_model moves each block's shards to the GPU); the GPU still quantizes.
+    model = Transformer.from_pretrained(args.init_from, device=device, quantize=args.quantize or None, mmap=sharded,
+                                        quantize_on=quantize_on)
     file_dtype = model.tok_embeddings.weight.dtype  # the export keeps the base's dtype
     if not sharded:
         for p in model.parameters():  # parameters only: the RoPE buffer stays fp32
@@ -668,7 +671,7 @@ def setup(args, given, where):
     # Same seed on every rank while building, so that new adapters start identical everywhere.
     torch.manual_seed(args.seed)
     model, file_dtype = setup_model(args, where.device if not where.fsdp else "cpu", ptdtype, log,
-                                    sharded=where.fsdp)
+                                    sharded=where.fsdp, quantize_on=where.device)
     log(moe.trainable_report(model))
     if where.fsdp:
         shard_model(model, args, ptdtype, where)
