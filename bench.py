@@ -1168,20 +1168,26 @@ def check_tests(timeout):
 
 def check_logits(device):
     """A tiny random PESC model through the real converter, exported Camelidae-style (export_hf)
-    and imported back in bf16 (convert_checkpoint): its bf16 logits on the device vs the fp32
-    CPU logits of the original model."""
+    and imported back in bf16 (convert_checkpoint): its tensors against the original's rounded
+    to bf16 (exact), then its bf16 logits on the device against the original's fp32 CPU logits."""
     import contextlib
+    import copy
     import io
     import tempfile
 
     from convert import convert_checkpoint, export_hf
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=2, adapter_dim=16, adapter_dropout=0.0))
-    net = Transformer(cfg).eval()
-    with torch.no_grad():
-        for ff in pesc_layers(net):
-            ff.adapter_up.normal_(0, 0.02)
+    # top_k = num_experts: no expert choice to flip when bf16 rounding meets a near tie between
+    # the k-th expert and the next (one token's logits would then move by an adapter's worth)
+    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=4, adapter_dim=16, adapter_dropout=0.0))
+    net = Transformer(cfg).eval().requires_grad_(False)
+    # a small embedding beside the blocks' outputs and adapters of about unit gain, so that the
+    # blocks and adapters move the logits by more than the bound below (adapter_effect says how much)
+    net.tok_embeddings.weight.normal_(0, 0.1)
+    for ff in pesc_layers(net):
+        ff.adapter_down.mul_(3)
+        ff.adapter_up.normal_(0, cfg.moe.adapter_dim ** -0.5)
     idx = torch.randint(0, cfg.vocab_size, (2, 64))
     with tempfile.TemporaryDirectory() as tmp:
         net.save_pretrained(os.path.join(tmp, "project"))
@@ -1189,16 +1195,27 @@ def check_logits(device):
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             hf = export_hf(os.path.join(tmp, "project"), os.path.join(tmp, "hf"))
             converted = convert_checkpoint(os.path.join(tmp, "hf"), os.path.join(tmp, "back"), dtype="bf16")
-        low = Transformer.from_pretrained(os.path.join(tmp, "back"), device=device, dtype=torch.bfloat16).eval()
+        back = Transformer.from_pretrained(os.path.join(tmp, "back"))
+    expected_state = {k: t.to(torch.bfloat16) for k, t in net.state_dict().items()}
+    got_state = back.state_dict()
+    weights_exact = got_state.keys() == expected_state.keys() and all(
+        t.dtype == torch.bfloat16 and torch.equal(t, expected_state[k]) for k, t in got_state.items())
+    low = back.to(device)
+    no_adapters = copy.deepcopy(net)
+    for ff in pesc_layers(no_adapters):
+        ff.adapter_up.zero_()
     with torch.no_grad():
         expected = net(idx)[0]
+        adapter_effect = (no_adapters(idx)[0] - expected).abs().max().item()
         got = low(idx.to(device))[0].float().cpu()
     err, scale = (got - expected).abs().max().item(), expected.abs().max().item()
-    # bf16 keeps 8 bits: a few ulps per layer's sums, relative to the logits' size
-    bound = 8 * 2**-8 * (cfg.n_layers * cfg.ffn_dim) ** 0.5 * scale
+    # bf16 weights and activations, sums in fp32: a few bf16 roundings per element in every
+    # layer, the layers adding their errors (tests/tolerance.py's rule, 8 ulps, reduction n_layers)
+    bound = 8 * torch.finfo(torch.bfloat16).eps * cfg.n_layers ** 0.5 * scale
     same_config = converted == cfg
-    return {"layout": hf["model_type"], "config_round_trip": same_config, "max_abs_err": round(err, 5),
-            "bound": round(bound, 5), "ok": same_config and err <= bound,
+    return {"layout": hf["model_type"], "config_round_trip": same_config, "weights_exact": weights_exact,
+            "max_abs_err": round(err, 5), "bound": round(bound, 5), "adapter_effect": round(adapter_effect, 5),
+            "ok": same_config and weights_exact and err <= bound < adapter_effect,
             "argmax_agree": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4)}
 
 
