@@ -1016,7 +1016,7 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
         except Exception as e:  # reported, and the next part runs
             r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
             if alarm.fired:  # also when a library wrapped the TimeoutError (Dynamo does)
-                r["error"] = f"timeout: stopped after its {limit:.0f} s limit ({r['error']})"
+                r["error"] = f"timeout: stopped after its {limit:.3g} s limit ({r['error']})"
         r["seconds"] = round(time.perf_counter() - t0, 1)
         results["parts"][name] = r
         results["running"] = None
@@ -1306,7 +1306,7 @@ def check_decode(device, shape, layers, compiled, done):
         kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * cache_slots * net.output.weight.element_size()
         nbytes = sum(p.numel() * p.element_size() for p in net.parameters()) - net.tok_embeddings.weight.nbytes + kv
         bound = bw * 1e9 / nbytes  # tokens/s if every byte were read once at the copy bandwidth
-        r.update(bound_tokens_per_s=round(bound, 1), share_of_bound=round(tps / bound, 3))
+        r.update(bound_tokens_per_s=round(bound, 1), share_of_bound=float(f"{tps / bound:.3g}"))  # 3 digits, also on a CPU
     return r
 
 
