@@ -998,6 +998,12 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
             parts[f"train_{kind}_{mode}"] = lambda limit, k=kind, m=mode: check_train(device, shape, layers, seq_len, k, m)
     for mode in ("eager", "compiled"):
         parts[f"decode_{mode}"] = lambda limit, c=mode == "compiled": check_decode(device, shape, layers, c, results["parts"])
+
+    def save():
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        results["goals"] = gpu_goals(results["parts"])
+        write_gpu_check(out_dir, results)
+
     os.makedirs(out_dir, exist_ok=True)
     for name, full_limit in GPU_PART_LIMITS_S.items():
         left = budget_s - (time.perf_counter() - start)
@@ -1005,10 +1011,11 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
             results["parts"][name] = {"skipped": f"time budget: {max(left, 0):.0f} s of {budget_s:g} s left, "
                                                  f"under a quarter of this part's {full_limit:g} s limit", "seconds": 0.0}
             print(f"[gpu] {name}: {results['parts'][name]['skipped']}", flush=True)
+            save()
             continue
         limit = min(full_limit, left)
         results["running"] = name
-        write_gpu_check(out_dir, results)
+        save()
         t0 = time.perf_counter()
         try:
             with time_limit(limit) as alarm:
@@ -1020,8 +1027,7 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
         r["seconds"] = round(time.perf_counter() - t0, 1)
         results["parts"][name] = r
         results["running"] = None
-        results["goals"] = gpu_goals(results["parts"])
-        write_gpu_check(out_dir, results)
+        save()
         print(f"[gpu] {name}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("traceback", "output")),
               flush=True)
         torch._dynamo.reset()  # drop the compiled graphs (and their memory) of this part
@@ -1029,8 +1035,7 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
         if cuda:
             torch.cuda.empty_cache()
     results["finished"] = True
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    write_gpu_check(out_dir, results)
+    save()
     for goal in results["goals"].values():
         print(f"[gpu] goal {goal['goal']}: {goal['status']} ({goal['detail']})", flush=True)
     return results
@@ -1080,7 +1085,8 @@ def write_gpu_check(out_dir, results):
 
 
 def gpu_check_table(results):
-    state = "finished" if results["finished"] else f"not finished, running {results['running']}"
+    state = (f"finished in {results['elapsed_s']} s" if results["finished"] else
+             f"not finished: running {results['running']} at {results['elapsed_s']} s")
     lines = [f"# GPU check: {results['device']}, torch {results['torch']}, triton {results['triton']}", "",
              f"Time budget {results['budget_s']:g} s; {state}.", "",
              "| part | result | seconds |", "|---|---|---|"]

@@ -388,7 +388,7 @@ def test_gpu_check_killed_midway_leaves_the_finished_parts(tmp_path):
     assert list(results["parts"]) == ["tests", "logits_bf16_vs_fp32_cpu"]
     assert results["parts"]["logits_bf16_vs_fp32_cpu"]["ok"] is True
     assert results["running"] == "train_pesc_eager" and not results["finished"]
-    assert "not finished, running train_pesc_eager" in (tmp_path / "gpu_check.md").read_text()
+    assert "not finished: running train_pesc_eager at " in (tmp_path / "gpu_check.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.md"]  # no temp file left
 
 
