@@ -1008,8 +1008,8 @@ def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048,
     for name, full_limit in GPU_PART_LIMITS_S.items():
         left = budget_s - (time.perf_counter() - start)
         if left < full_limit / 4:
-            results["parts"][name] = {"skipped": f"time budget: {max(left, 0):.0f} s of {budget_s:g} s left, "
-                                                 f"under a quarter of this part's {full_limit:g} s limit", "seconds": 0.0}
+            why = f"{max(left, 0):.0f} s of {budget_s:g} s left, under a quarter of this part's {full_limit:g} s limit"
+            results["parts"][name] = {"skipped": f"time budget: {why}", "seconds": 0.0}
             print(f"[gpu] {name}: {results['parts'][name]['skipped']}", flush=True)
             save()
             continue
@@ -1121,11 +1121,10 @@ def gpu_goals(parts):
             status = "unmeasured" if missing else "not met"
         return {"goal": goal, "status": status, "detail": shown}
 
-    goals = {"pesc_mfu": best_of("PESC train step MFU >= 0.40 (best of eager/triton/compiled)",
-                                 {m: number(f"train_pesc_{m}", "mfu") for m in modes}, 0.40),
-             "decode_share_of_bound": best_of("decode >= 0.6 of the bandwidth bound (best of eager/compiled)",
-                                              {m: number(f"decode_{m}", "share_of_bound") for m in ("eager", "compiled")},
-                                              0.6)}
+    mfu = {m: number(f"train_pesc_{m}", "mfu") for m in modes}
+    share = {m: number(f"decode_{m}", "share_of_bound") for m in ("eager", "compiled")}
+    goals = {"pesc_mfu": best_of("PESC train step MFU >= 0.40 (best of eager/triton/compiled)", mfu, 0.40),
+             "decode_share_of_bound": best_of("decode >= 0.6 of the bandwidth bound (best of eager/compiled)", share, 0.6)}
 
     # The PESC step against dense LoRA's in PESC's fastest mode, which is only known when every
     # PESC mode was timed
