@@ -236,14 +236,14 @@ def test_fused_lora_under_bf16_autocast_matches_plain():
 # bench.py --gpu: the parts a CPU can run, and the message without a GPU
 
 
-# The CPU stands in for the GPU here; its bf16 matmuls (oneDNN) need ATen's AVX-512 kernels, so
-# under ATEN_CPU_CAPABILITY=default or on a CPU without AVX-512 the bf16 logits part must report
-# exactly that error (and the other parts still run).
+# The CPU stands in for the GPU here; its bf16 matmuls (oneDNN) may need ATen's AVX-512 kernels,
+# so under ATEN_CPU_CAPABILITY=default or on a CPU without AVX-512 the bf16 logits part either
+# works (some oneDNN builds manage without) or reports exactly that error; the other parts run.
 CPU_BF16 = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
 
 
 def assert_logits_part(r):
-    if CPU_BF16:
+    if CPU_BF16 or "error" not in r:
         assert "error" not in r and r["ok"], r.get("traceback")
     else:
         assert "avx512" in r["error"], r
@@ -476,7 +476,11 @@ def test_gpu_check_logits_part_converts_and_would_see_a_bad_conversion(monkeypat
     import bench
     import convert
 
-    r = bench.check_logits("cpu")
+    try:
+        r = bench.check_logits("cpu")
+    except RuntimeError as e:  # gpu_check reports this; nothing more to check on such a CPU
+        assert_logits_part({"error": f"RuntimeError: {e}"})
+        return
     assert_logits_part(r)
     assert r["layout"] == "camelidae" and r["config_round_trip"] and r["weights_exact"]
     assert r["adapter_effect"] > r["bound"]  # the adapters show in the logits beyond the bound
@@ -493,5 +497,4 @@ def test_gpu_check_logits_part_converts_and_would_see_a_bad_conversion(monkeypat
     monkeypatch.setattr(convert, "hf_tensors", swapped_experts)
     bad = bench.check_logits("cpu")
     assert not bad["weights_exact"] and not bad["ok"]
-    if CPU_BF16:
-        assert bad["max_abs_err"] > 2 * r["max_abs_err"]
+    assert bad["max_abs_err"] > 2 * r["max_abs_err"]
