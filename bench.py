@@ -963,88 +963,266 @@ def bench_lora(args):
 # -----------------------------------------------------------------------------
 # bench.py --gpu --out DIR: the first check on a machine with one GPU
 
+# The parts in the order they run, most valuable first, each with the seconds it may run before
+# it is stopped. Guesses for the H200 at the 7B shape with margin; none has been timed on one
+# yet. Within training the cheap modes come first and the Inductor compiles last, so a slow
+# compile is what the budget cuts; bandwidth only serves the decode bound, so it runs beside it.
+GPU_PART_LIMITS_S = {
+    "tests": 180, "logits_bf16_vs_fp32_cpu": 45,
+    "train_pesc_eager": 45, "train_lora_eager": 45, "train_pesc_triton": 75, "train_lora_triton": 75,
+    "train_pesc_compiled": 100, "train_lora_compiled": 100,
+    "bandwidth": 20, "decode_eager": 45, "decode_compiled": 100,
+}
 
-def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048, test_timeout=240):
-    """Every part of the GPU check in turn, each isolated (a failure is recorded, the rest runs);
-    writes gpu_check.json and gpu_check.md into out_dir and returns the results. device="cpu"
+
+def gpu_check(out_dir, device="cuda", shape="llama2-7b", layers=4, seq_len=2048, budget_s=450.0):
+    """Every part of the GPU check in turn, each isolated (a failure is recorded, the rest runs)
+    and each stopped at its GPU_PART_LIMITS_S limit or at the end of budget_s, whichever comes
+    first; a part that would start with under a quarter of its limit left is skipped. Rewrites
+    gpu_check.json and gpu_check.md in out_dir before and after every part (so a run killed from
+    outside leaves the finished parts and the one in flight) and returns the results. device="cpu"
     with a tiny shape runs the parts that a CPU can (the tests of this function do)."""
-    import json
-    import subprocess
-    import sys
+    import gc
     import traceback
 
+    import torch._dynamo
+
+    start = time.perf_counter()
     results = {"torch": torch.__version__, "triton": getattr(kernels.triton, "__version__", None),
-               "device": torch.cuda.get_device_name() if device == "cuda" else device, "parts": {}}
-    parts = [("tests", lambda: check_tests(subprocess, sys, test_timeout) if device == "cuda" else {"skipped": "CPU"}),
-             ("logits_bf16_vs_fp32_cpu", lambda: check_logits(device)),
-             ("bandwidth", lambda: check_bandwidth(device))]
+               "device": torch.cuda.get_device_name() if device == "cuda" else device,
+               "budget_s": budget_s, "running": None, "finished": False, "parts": {}, "goals": {}}
+    cuda = device == "cuda"
+    parts = {"tests": lambda limit: check_tests(limit) if cuda else {"skipped": "CPU"},
+             "logits_bf16_vs_fp32_cpu": lambda limit: check_logits(device),
+             "bandwidth": lambda limit: check_bandwidth(device)}
     for kind in ("lora", "pesc"):
         for mode in ("eager", "compiled", "triton"):
-            parts.append((f"train_{kind}_{mode}", lambda k=kind, m=mode: check_train(device, shape, layers, seq_len, k, m)))
-    for compiled in (False, True):
-        parts.append((f"decode_{'compiled' if compiled else 'eager'}",
-                      lambda c=compiled: check_decode(device, shape, layers, c, results["parts"])))
-    for name, part in parts:
+            parts[f"train_{kind}_{mode}"] = lambda limit, k=kind, m=mode: check_train(device, shape, layers, seq_len, k, m)
+    for mode in ("eager", "compiled"):
+        parts[f"decode_{mode}"] = lambda limit, c=mode == "compiled": check_decode(device, shape, layers, c, results["parts"])
+
+    def save():
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        results["goals"] = gpu_goals(results["parts"])
+        write_gpu_check(out_dir, results)
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name, full_limit in GPU_PART_LIMITS_S.items():
+        left = budget_s - (time.perf_counter() - start)
+        if left < full_limit / 4:
+            why = f"{max(left, 0):.0f} s of {budget_s:g} s left, under a quarter of this part's {full_limit:g} s limit"
+            results["parts"][name] = {"skipped": f"time budget: {why}", "seconds": 0.0}
+            print(f"[gpu] {name}: {results['parts'][name]['skipped']}", flush=True)
+            save()
+            continue
+        limit = min(full_limit, left)
+        results["running"] = name
+        save()
         t0 = time.perf_counter()
         try:
-            r = part()
+            with time_limit(limit) as alarm:
+                r = parts[name](limit)
         except Exception as e:  # reported, and the next part runs
             r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+            if alarm.fired:  # also when a library wrapped the TimeoutError (Dynamo does)
+                r["error"] = f"timeout: stopped after its {limit:.3g} s limit ({r['error']})"
         r["seconds"] = round(time.perf_counter() - t0, 1)
         results["parts"][name] = r
-        print(f"[gpu] {name}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "traceback"), flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    for fname, text in (("gpu_check.json", json.dumps(results, indent=2)), ("gpu_check.md", gpu_check_table(results))):
-        with open(os.path.join(out_dir, fname + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
+        results["running"] = None
+        save()
+        print(f"[gpu] {name}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("traceback", "output")),
+              flush=True)
+        torch._dynamo.reset()  # drop the compiled graphs (and their memory) of this part
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    results["finished"] = True
+    save()
+    for goal in results["goals"].values():
+        print(f"[gpu] goal {goal['goal']}: {goal['status']} ({goal['detail']})", flush=True)
     return results
 
 
+@contextmanager
+def time_limit(seconds):
+    """Raise TimeoutError in the block once it has run `seconds` (SIGALRM via setitimer); yields
+    an object whose .fired says whether it did. The previous handler and timer are restored.
+    The signal is handled between Python bytecodes, so a C call that never returns (a hung
+    kernel inside a synchronize) is not cut short; the files gpu_check rewrites per part cover
+    that case. Off the main thread, or without setitimer, there is no limit."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    alarm = SimpleNamespace(fired=False)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield alarm
+        return
+
+    def on_alarm(signum, frame):
+        alarm.fired = True
+        raise TimeoutError(f"ran past {seconds:.1f} s")
+
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    t0 = time.monotonic()
+    try:
+        yield alarm
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay:  # an outer timer (pytest-timeout's, say) keeps what it had left
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
+
+
+def write_gpu_check(out_dir, results):
+    """gpu_check.json and gpu_check.md in out_dir, each written to a temp name then renamed."""
+    import json
+
+    for fname, text in (("gpu_check.json", json.dumps(results, indent=2)), ("gpu_check.md", gpu_check_table(results))):
+        path = os.path.join(out_dir, fname)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
 def gpu_check_table(results):
+    state = (f"finished in {results['elapsed_s']} s" if results["finished"] else
+             f"not finished: running {results['running']} at {results['elapsed_s']} s")
     lines = [f"# GPU check: {results['device']}, torch {results['torch']}, triton {results['triton']}", "",
+             f"Time budget {results['budget_s']:g} s; {state}.", "",
              "| part | result | seconds |", "|---|---|---|"]
     for name, r in results["parts"].items():
         shown = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("traceback", "seconds", "output"))
         lines.append(f"| {name} | {shown.replace('|', '/')} | {r['seconds']} |")
+    lines += ["", "| goal | status | measured |", "|---|---|---|"]
+    for goal in results["goals"].values():
+        lines.append(f"| {goal['goal']} | {goal['status']} | {goal['detail'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
-def check_tests(subprocess, sys, timeout):
-    """The kernel and model tests on the GPU, the Triton kernels compiled (no interpreter)."""
+def gpu_goals(parts):
+    """The goals of the GPU check, each {"goal", "status": "met" | "not met" | "unmeasured",
+    "detail"}, from the numbers in parts alone: a part that failed, was skipped or has no such
+    number (no MFU on a CPU) is unmeasured, and no goal is met on a missing number."""
+    modes = ("eager", "triton", "compiled")
+
+    def number(name, key):
+        return parts.get(name, {}).get(key)
+
+    def best_of(goal, values, target):
+        """Met when some measured value reaches target (the best of them then does too); not met
+        only when every value was measured."""
+        got = {m: v for m, v in values.items() if v is not None}
+        missing = [m for m in values if m not in got]
+        shown = ", ".join(f"{m} {v}" for m, v in got.items()) or "nothing measured"
+        shown += f"; unmeasured: {', '.join(missing)}" if missing and got else ""
+        if got and max(got.values()) >= target:
+            status = "met"
+        else:
+            status = "unmeasured" if missing else "not met"
+        return {"goal": goal, "status": status, "detail": shown}
+
+    mfu = {m: number(f"train_pesc_{m}", "mfu") for m in modes}
+    share = {m: number(f"decode_{m}", "share_of_bound") for m in ("eager", "compiled")}
+    goals = {"pesc_mfu": best_of("PESC train step MFU >= 0.40 (best of eager/triton/compiled)", mfu, 0.40),
+             "decode_share_of_bound": best_of("decode >= 0.6 of the bandwidth bound (best of eager/compiled)", share, 0.6)}
+
+    # The PESC step against dense LoRA's in PESC's fastest mode, which is only known when every
+    # PESC mode was timed
+    pesc = {m: number(f"train_pesc_{m}", "step_ms") for m in modes}
+    ratios = {m: round(pesc[m] / number(f"train_lora_{m}", "step_ms"), 3) for m in modes
+              if pesc[m] is not None and number(f"train_lora_{m}", "step_ms")}
+    detail = ", ".join(f"{m} {v}x" for m, v in ratios.items()) or "nothing measured"
+    if None in pesc.values():
+        status = "unmeasured"
+        detail += f"; PESC unmeasured: {', '.join(m for m, v in pesc.items() if v is None)}"
+    else:
+        fastest = min(pesc, key=pesc.get)
+        if fastest not in ratios:
+            status, detail = "unmeasured", detail + f"; dense LoRA unmeasured in PESC's fastest mode, {fastest}"
+        else:
+            status = "met" if ratios[fastest] <= 1.15 else "not met"
+            detail += f"; PESC fastest {fastest}"
+    goals["pesc_vs_lora_step"] = {"goal": "PESC step <= 1.15x the dense-LoRA step (PESC's fastest mode)",
+                                  "status": status, "detail": detail}
+
+    tests = parts.get("tests", {})
+    goals["tests"] = {"goal": "kernel and model tests pass on the device",
+                      "status": {True: "met", False: "not met"}.get(tests.get("passed"), "unmeasured"),
+                      "detail": tests.get("summary") or tests.get("error") or tests.get("skipped") or "not run"}
+    return goals
+
+
+def check_tests(timeout):
+    """The kernel and model tests on the GPU, the Triton kernels compiled (no interpreter); pytest
+    gets a few seconds less than timeout, so its own output tail is kept when it runs long."""
+    import subprocess
+    import sys
+
     env = dict(os.environ, TRITON_INTERPRET="0", PESC_TEST_DEVICE="cuda")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "tests/test_kernels.py", "tests/test_model.py"]
+    timeout = max(timeout - 5, 0.8 * timeout)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    except subprocess.TimeoutExpired:
-        return {"error": f"pytest ran past {timeout} s"}
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"error": f"pytest ran past {timeout:.0f} s", "output": "\n".join(out.strip().splitlines()[-30:])}
     tail = (p.stdout + p.stderr).strip().splitlines()
     return {"passed": p.returncode == 0, "summary": tail[-1] if tail else "", "output": "\n".join(tail[-30:])}
 
 
 def check_logits(device):
-    """A tiny model written and loaded back in bf16 on the device vs fp32 on the CPU."""
+    """A tiny random PESC model through the real converter, exported Camelidae-style (export_hf)
+    and imported back in bf16 (convert_checkpoint): its tensors against the original's rounded
+    to bf16 (exact), then its bf16 logits on the device against the original's fp32 CPU logits."""
+    import contextlib
+    import copy
+    import io
     import tempfile
 
+    from convert import convert_checkpoint, export_hf
+
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=2, adapter_dim=16, adapter_dropout=0.0))
-    net = Transformer(cfg)
-    with torch.no_grad():
-        for ff in pesc_layers(net):
-            ff.adapter_up.normal_(0, 0.02)
+    # top_k = num_experts: no expert choice to flip when bf16 rounding meets a near tie between
+    # the k-th expert and the next (one token's logits would then move by an adapter's worth)
+    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=4, adapter_dim=16, adapter_dropout=0.0))
+    net = Transformer(cfg).eval().requires_grad_(False)
+    # a small embedding beside the blocks' outputs and adapters of about unit gain, so that the
+    # blocks and adapters move the logits by more than the bound below (adapter_effect says how much)
+    net.tok_embeddings.weight.normal_(0, 0.1)
+    for ff in pesc_layers(net):
+        ff.adapter_down.mul_(3)
+        ff.adapter_up.normal_(0, cfg.moe.adapter_dim ** -0.5)
     idx = torch.randint(0, cfg.vocab_size, (2, 64))
     with tempfile.TemporaryDirectory() as tmp:
-        net.save_pretrained(tmp)
-        ref = Transformer.from_pretrained(tmp).eval()
-        low = Transformer.from_pretrained(tmp, device=device, dtype=torch.bfloat16).eval()
+        net.save_pretrained(os.path.join(tmp, "project"))
+        log = io.StringIO()  # the converter's progress lines and its no-tokenizer warning
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            hf = export_hf(os.path.join(tmp, "project"), os.path.join(tmp, "hf"))
+            converted = convert_checkpoint(os.path.join(tmp, "hf"), os.path.join(tmp, "back"), dtype="bf16")
+        back = Transformer.from_pretrained(os.path.join(tmp, "back"))
+    expected_state = {k: t.to(torch.bfloat16) for k, t in net.state_dict().items()}
+    got_state = back.state_dict()
+    weights_exact = got_state.keys() == expected_state.keys() and all(
+        t.dtype == torch.bfloat16 and torch.equal(t, expected_state[k]) for k, t in got_state.items())
+    low = back.to(device)
+    no_adapters = copy.deepcopy(net)
+    for ff in pesc_layers(no_adapters):
+        ff.adapter_up.zero_()
     with torch.no_grad():
-        expected = ref(idx)[0]
+        expected = net(idx)[0]
+        adapter_effect = (no_adapters(idx)[0] - expected).abs().max().item()
         got = low(idx.to(device))[0].float().cpu()
     err, scale = (got - expected).abs().max().item(), expected.abs().max().item()
-    # bf16 keeps 8 bits: a few ulps per layer's sums, relative to the logits' size
-    bound = 8 * 2**-8 * (cfg.n_layers * cfg.ffn_dim) ** 0.5 * scale
-    return {"max_abs_err": round(err, 5), "bound": round(bound, 5), "ok": err <= bound,
+    # bf16 weights and activations, sums in fp32: a few bf16 roundings per element in every
+    # layer, the layers adding their errors (tests/tolerance.py's rule, 8 ulps, reduction n_layers)
+    bound = 8 * torch.finfo(torch.bfloat16).eps * cfg.n_layers ** 0.5 * scale
+    same_config = converted == cfg
+    return {"layout": hf["model_type"], "config_round_trip": same_config, "weights_exact": weights_exact,
+            "max_abs_err": round(err, 5), "bound": round(bound, 5), "adapter_effect": round(adapter_effect, 5),
+            "ok": same_config and weights_exact and err <= bound < adapter_effect,
             "argmax_agree": round((got.argmax(-1) == expected.argmax(-1)).float().mean().item(), 4)}
 
 
@@ -1135,7 +1313,7 @@ def check_decode(device, shape, layers, compiled, done):
         kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * cache_slots * net.output.weight.element_size()
         nbytes = sum(p.numel() * p.element_size() for p in net.parameters()) - net.tok_embeddings.weight.nbytes + kv
         bound = bw * 1e9 / nbytes  # tokens/s if every byte were read once at the copy bandwidth
-        r.update(bound_tokens_per_s=round(bound, 1), share_of_bound=round(tps / bound, 3))
+        r.update(bound_tokens_per_s=round(bound, 1), share_of_bound=float(f"{tps / bound:.3g}"))  # 3 digits, also on a CPU
     return r
 
 
@@ -1155,6 +1333,8 @@ def main():
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--gpu", action="store_true", help="the prepared check for a 1-GPU machine (with --out)")
     p.add_argument("--out", default=None, help="--gpu: directory for gpu_check.json and gpu_check.md")
+    p.add_argument("--budget_s", type=float, default=450.0,
+                   help="--gpu: seconds for the whole check; parts that do not fit are skipped (default 450)")
     p.add_argument("--conversations", type=int, default=200_000, help="size of the generated set in 'data'")
     p.add_argument("--seq_len", type=int, default=2048, help="rows of the 'data' section")
     args = p.parse_args()
@@ -1164,7 +1344,7 @@ def main():
         if not torch.cuda.is_available():
             raise SystemExit("bench.py --gpu: no CUDA GPU is visible to torch (torch.cuda.is_available() is False), "
                              "so there is nothing to check; run it on the GPU machine")
-        gpu_check(args.out)
+        gpu_check(args.out, budget_s=args.budget_s)
         return
     for name in args.only.split(","):
         if name not in SECTIONS:
