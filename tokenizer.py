@@ -20,8 +20,6 @@ import os
 import re
 import unicodedata
 
-import sentencepiece
-import tiktoken
 
 # Llama 3's pre-tokenizer split, and Qwen2's: the same but one digit at a time.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -305,6 +303,8 @@ class Tokenizer:
             raise ValueError(f"{file}: the ranks of its {n} tokens are not exactly 0..{n - 1}")
         canonical, aliases = llama3_specials(first_id=n)
         self.kind = "tiktoken"
+        import tiktoken  # here, not at the top: a GPU box with only torch can import the rest
+
         self._tt = tiktoken.Encoding(os.path.basename(file), pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=canonical)
         self._specials = {**canonical, **aliases}
@@ -316,6 +316,8 @@ class Tokenizer:
     def _load_sentencepiece(self, file, data, added):
         try:
             # An empty file parses as an empty protobuf, so check that pieces were read.
+            import sentencepiece  # here, not at the top (see _load_tiktoken)
+
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=data) if data.strip() else None
         except RuntimeError:
             self._sp = None
@@ -382,6 +384,8 @@ class Tokenizer:
                                  f"merges out of id order cannot run with ids as BPE ranks")
             last_id = id
         self.kind = "bpe"
+        import tiktoken  # here, not at the top (see _load_tiktoken)
+
         self._tt = tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(vocab_file))),
                                      pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
         self._specials = specials

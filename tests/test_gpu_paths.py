@@ -294,6 +294,28 @@ def test_gpu_check_without_gpu_says_so(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+
+def test_gpu_check_needs_only_what_the_gpu_machine_has(tmp_path):
+    # the lent GPU machine has torch, triton, pytest and transformers (so numpy and safetensors),
+    # not tiktoken or sentencepiece: the check, and the test files it runs, must import without them
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("tiktoken", "sentencepiece"):  # found first on PYTHONPATH, and failing to import
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    code = ("import sys; sys.path.insert(0, 'tests'); import conftest, bench, train, sample, convert, eval; "
+            "import test_kernels, test_model\n"
+            "try:\n    import tiktoken\nexcept ImportError:\n    print('blocked')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "blocked" in p.stdout, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "bench.py", "--gpu", "--out", str(tmp_path / "out")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+
 def fake_parts(monkeypatch, seconds=0.0):
     """Replace the measuring parts of bench.gpu_check by ones that sleep `seconds` and return
     made-up numbers: what is tested then is the scheduling around them."""
