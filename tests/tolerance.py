@@ -33,6 +33,12 @@ import math
 import torch
 
 
+# Weights after AdamW steps: each update lr * m / (sqrt(v) + eps) carries the relative rounding
+# error of m plus half that of v, so up to twice the gradient's own (which `reduction` counts);
+# comparisons of trained weights allow twice the default ulps for it.
+ADAM_ULPS = 2 * 4.0
+
+
 def _magnitude(expected, scale):
     if scale is not None:
         return float(scale.detach()) if torch.is_tensor(scale) else float(scale)
