@@ -705,7 +705,7 @@ def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, train
         raise ValueError(f"adapter_experts: dropout_p={dropout_p} must be in [0, 1)")
     p = float(dropout_p) if training else 0.0
     if p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # CPU generator: no device sync
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())  # CPU generator: no device sync
     return _AdapterExperts.apply(y.contiguous(), weights.contiguous(), experts.contiguous(), down.contiguous(),
                                  up.contiguous(), float(scaling), p, int(seed or 0))
 

@@ -357,6 +357,15 @@ class ModelOutput(tuple):
     loss = property(lambda self: self[1])
 
 
+class LMHead(nn.Linear):
+    """The output projection. loss() is the chunked LM head + cross-entropy, which never holds the
+    (tokens, vocab) logits; a method of this module rather than of the model because FSDP gathers
+    a sharded unit's weights around the unit's registered methods (train.shard_model)."""
+
+    def loss(self, h, targets):
+        return kernels.linear_cross_entropy(h, self.weight, targets)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -364,7 +373,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = LMHead(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -433,7 +442,7 @@ class Transformer(nn.Module):
             return ModelOutput(self.output(h), router=router)
         if kernels.use_triton(h):  # chunked LM head + loss: no (tokens, vocab) logits in memory
             logits = None
-            lm_loss = kernels.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1))
+            lm_loss = self.output.loss(h.reshape(B * T, -1), targets.reshape(-1))
         else:
             logits = self.output(h)
             lm_loss = cross_entropy(logits, targets)

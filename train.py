@@ -101,8 +101,9 @@ def build_parser():
     g.add_argument("--log_interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (autocast) and storage of frozen weights; auto: bf16 on GPU (float16 "
+                        "would need loss scaling, which this loop does not do; GPUs without bf16: float32)")
     g.add_argument("--quantize", default="", choices=["", "nf4"],
                    help="nf4: QLoRA, the frozen base linears in 4-bit NF4 (quant.py), as the official recipe")
     g.add_argument("--compile", default=False, **FLAG, help="torch.compile each transformer block (regional)")
@@ -266,7 +267,7 @@ def shard_model(model, args, ptdtype, where):
     is sharded too: each NF4 linear's packed bytes become one frozen parameter, typed as the
     all-gather dtype so that mixed precision leaves the bytes alone (quant.NF4Linear.flatten_)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(where.device_type, (where.world,))
     # bf16 all-gathers and compute, fp32 gradient reduction (and fp32 master weights)
@@ -285,6 +286,7 @@ def shard_model(model, args, ptdtype, where):
         for part in (model.tok_embeddings, model.output):
             cast_params(part, ptdtype)
             fully_shard(part, mesh=mesh, mp_policy=mp)
+        register_fsdp_forward_method(model.output, "loss")  # the fused LM head + loss reads its weight
     cast_params(model, ptdtype)  # what is left: the last norm (and a tied embedding)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.inv_freq = model.inv_freq.to(where.device)

@@ -30,8 +30,8 @@ def run(fn, inputs, *args, grad_outputs=None, **kwargs):
     out = fn(*inputs, *args, **kwargs)
     outs = out if isinstance(out, tuple) else (out,)
     if grad_outputs is None:  # fixed random cotangents, one per output
-        gen = torch.Generator().manual_seed(1)
-        grad_outputs = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+        gen = torch.Generator().manual_seed(1)  # drawn on the CPU: the same cotangents on any device
+        grad_outputs = [torch.randn(o.shape, generator=gen, device="cpu").to(o.device, o.dtype) for o in outs]
     needs = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     grads = torch.autograd.grad(outs, needs, grad_outputs)
     return list(outs) + list(grads)
@@ -65,7 +65,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def test_use_triton_modes(monkeypatch):
-    x = torch.zeros(2)
+    x = torch.zeros(2, device="cpu")  # also under PESC_TEST_DEVICE=cuda
     monkeypatch.delenv("PESC_KERNELS", raising=False)
     assert not kernels.use_triton(x)  # auto: CPU tensors stay on the plain PyTorch path
     assert kernels.use_triton(types.SimpleNamespace(is_cuda=True))  # auto + CUDA + Triton
@@ -79,7 +79,7 @@ def test_use_triton_modes(monkeypatch):
 
 
 def test_use_triton_errors(monkeypatch):
-    x = torch.zeros(2)
+    x = torch.zeros(2, device="cpu")  # also under PESC_TEST_DEVICE=cuda
     monkeypatch.setenv("PESC_KERNELS", "triton")
     monkeypatch.setattr(kernels, "_INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

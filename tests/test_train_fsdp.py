@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from model import Transformer
-from test_train import ROOT, env, losses, options, run  # noqa: F401  (env is a fixture)
+from test_train import ROOT, env, losses, metrics, options, run  # noqa: F401  (env is a fixture)
 from test_train_resume import DROPOUT, assert_same_weights, reduction, torchrun
 from tolerance import assert_close
 
@@ -183,3 +183,21 @@ def test_fsdp_shards_an_nf4_base_and_equals_ddp(env, tmp_path):
     assert a.keys() == b.keys() and not any("lora" in k or "storage" in k for k in a)
     for k in a:
         assert_close(a[k], b[k], reduction=reduction(env, steps), name=k)
+
+
+def test_fsdp_with_the_triton_kernels_equals_one_process(env, tmp_path, monkeypatch):
+    # the path a GPU takes (PESC_KERNELS=triton runs it here in the interpreter): the fused LM head
+    # + loss reads the LM head's weight through LMHead.loss, which FSDP must gather like a forward
+    monkeypatch.setenv("PESC_KERNELS", "triton")
+    no_dropout = ("--lora_rank", "4", "--adapter_dropout", "0", "--lora_dropout", "0", "--max_iters", "1",
+                  "--eval_interval", "0")
+    fsdp, single = env["dir"] / "fsdp-triton", env["dir"] / "single-triton"
+    torchrun(env, fsdp, *no_dropout, "--fsdp")
+    run(env, single, *no_dropout, "--grad_accum_steps", "4")
+    # The step's loss and gradient norm, both sums over the whole step. Not the weights after one
+    # AdamW step: it divides each gradient element by its own size, so an element whose gradient
+    # is near AdamW's eps (1e-8) carries that gradient's rounding into the update unscaled.
+    (a,), (b,) = ([r for r in metrics(out) if r.get("iter") == 1 and "loss" in r] for out in (fsdp, single))
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert_close(a[key], b[key], dtype=torch.float32, reduction=reduction(env, 1), name=key)
+    assert a["grad_norm"] > 0
