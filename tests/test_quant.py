@@ -17,7 +17,7 @@ import moe
 import quant
 import sample
 import train
-from model import ModelConfig, Transformer
+from model import LMHead, ModelConfig, Transformer
 from test_train import tiny_base
 
 # -----------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_from_pretrained_quantize(preset, tmp_path):
         if isinstance(m, quant.NF4Linear):
             assert torch.equal(m.codes, quant.quantize_nf4(file[n + ".weight"]).codes)
             dense.get_submodule(n).weight.data = quant.dequantize_torch(m.packed)
-    assert type(q.output) is torch.nn.Linear and type(q.tok_embeddings) is torch.nn.Embedding
+    assert type(q.output) is LMHead and type(q.tok_embeddings) is torch.nn.Embedding
     idx = torch.randint(0, 512, (2, 11))
     c = q.config
     assert_close(q(idx)[0], dense(idx)[0], reduction=c.ffn_dim * c.n_layers, name="quantized logits")
