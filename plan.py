@@ -45,7 +45,7 @@ def state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps, quantize=No
     params = unique_params(model)
     trainable = [p for p in params if p.requires_grad]
     nf4 = {id(p) for n, p in model.named_parameters() if quantize and QUANTIZED_KEY.fullmatch(n)}
-    storage = compute_dtype.itemsize if compute_dtype in (torch.bfloat16, torch.float16) else 1  # train.shard_model
+    storage = quant.NF4Linear.storage_dtype(compute_dtype).itemsize  # as train.shard_model flattens it
 
     def frozen_bytes(p):
         if id(p) not in nf4:

@@ -244,12 +244,17 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True):
         return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias)
 
+    @staticmethod
+    def storage_dtype(compute_dtype):
+        """flatten_'s dtype for a run in compute_dtype: FSDP's all-gather dtype under mixed
+        precision (bf16, fp16), else uint8."""
+        return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else torch.uint8
+
     def flatten_(self, dtype=torch.uint8):
         """Put the packed tensors' bytes, each section aligned to 16 bytes, into one flat frozen
         parameter `storage` whose elements are `dtype` (the bytes reinterpreted, never converted).
-        FSDP2 then shards it like a weight. dtype should be the run's FSDP parameter dtype (bf16
-        or fp16 under mixed precision) so that no torch version's mixed-precision cast converts
-        it; uint8 where there is no mixed precision."""
+        FSDP2 then shards it like a weight. dtype should be storage_dtype(the run's compute
+        dtype), so that no torch version's mixed-precision cast converts it."""
         if self.layout is not None:
             return self
         tensors = [self._buffers.pop(n) for n in PACKED_NAMES]

@@ -273,7 +273,7 @@ def shard_model(model, args, ptdtype, where):
     # bf16 all-gathers and compute, fp32 gradient reduction (and fp32 master weights)
     mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
         if ptdtype != torch.float32 else MixedPrecisionPolicy()
-    storage = ptdtype if ptdtype in (torch.bfloat16, torch.float16) else torch.uint8
+    storage = quant.NF4Linear.storage_dtype(ptdtype)
     for block in model.layers:
         cast_params(block, ptdtype)
         for m in block.modules():

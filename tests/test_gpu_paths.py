@@ -294,7 +294,6 @@ def test_gpu_check_without_gpu_says_so(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-
 def test_gpu_check_needs_only_what_the_gpu_machine_has(tmp_path):
     # the lent GPU machine has torch, triton, pytest and transformers (so numpy and safetensors),
     # not tiktoken or sentencepiece: the check, and the test files it runs, must import without them
@@ -315,6 +314,7 @@ def test_gpu_check_needs_only_what_the_gpu_machine_has(tmp_path):
     p = subprocess.run([sys.executable, "bench.py", "--gpu", "--out", str(tmp_path / "out")], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
     assert "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+
 
 def fake_parts(monkeypatch, seconds=0.0):
     """Replace the measuring parts of bench.gpu_check by ones that sleep `seconds` and return

@@ -67,8 +67,8 @@ def test_state_terms_are_what_the_model_holds(mode):
 
 
 
-@pytest.mark.parametrize("mode", ["pesc", "lora"])
-def test_nf4_frozen_term_is_what_the_model_holds(mode, tmp_path):
+@pytest.mark.parametrize("mode, dtype", [("pesc", torch.float32), ("lora", torch.float32), ("pesc", torch.bfloat16)])
+def test_nf4_frozen_term_is_what_the_model_holds(mode, dtype, tmp_path):
     # --quantize nf4: the meta model's plan against a model loaded in NF4, whole (DDP) and as
     # train.shard_model lays its bytes out for FSDP (quant.NF4Linear.flatten_, split on dim 0)
     torch.manual_seed(0)
@@ -77,20 +77,21 @@ def test_nf4_frozen_term_is_what_the_model_holds(mode, tmp_path):
                              "--quantize", "nf4"])[0]
     real = train.make_trainable(Transformer.from_pretrained(str(tmp_path / "base"), quantize="nf4"), args,
                                 lambda *a: None)
-    train.cast_params(real, torch.float32)
+    train.cast_params(real, dtype)
     with torch.device("meta"):
         meta = train.make_trainable(Transformer(ModelConfig.from_preset("tiny")), args, lambda *a: None)
     nf4 = [m for m in real.modules() if isinstance(m, quant.NF4Linear)]
     assert len(nf4) == 7 * real.config.n_layers
     frozen = sum(p.nbytes for p in plan.unique_params(real) if not p.requires_grad)
-    whole = plan.state_bytes(meta, 1, False, torch.float32, 1, quantize="nf4")
+    whole = plan.state_bytes(meta, 1, False, dtype, 1, quantize="nf4")
     assert whole["frozen_weights"] == frozen + sum(b.nbytes for m in nf4 for b in m.buffers())
     for m in nf4:
-        m.flatten_(torch.uint8)  # what shard_model does for an fp32 run
+        m.flatten_(quant.NF4Linear.storage_dtype(dtype))  # as shard_model does
     sharded = sum(plan.shard_numel(p.shape, 2) * p.element_size() for p in plan.unique_params(real)
                   if not p.requires_grad)
-    assert plan.state_bytes(meta, 2, True, torch.float32, 1, quantize="nf4")["frozen_weights"] == sharded
-    assert whole["trainable_weights"] == plan.state_bytes(meta, 1, False, torch.float32, 1)["trainable_weights"]
+    assert plan.state_bytes(meta, 2, True, dtype, 1, quantize="nf4")["frozen_weights"] == sharded
+    assert whole["trainable_weights"] == plan.state_bytes(meta, 1, False, dtype, 1)["trainable_weights"]
+
 
 def test_shards_are_the_ones_fsdp_makes():
     # FSDP2 splits dim 0 as torch.chunk does; the plan counts the largest shard
