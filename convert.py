@@ -2,8 +2,8 @@
 Convert checkpoints between the official layouts (Meta, Hugging Face, the released PESC models)
 and the project's format.
 
-    python convert.py --src DIR --out DIR [--dtype bf16|fp16|fp32] [--rope_theta X] [--force]  # import
-    python convert.py --src CKPT --out DIR --to hf [--dtype ...] [--force]                       # export
+    python convert.py --ckpt DIR --out_dir DIR [--dtype bf16|fp16|fp32] [--rope_theta X] [--force]  # import
+    python convert.py --ckpt CKPT --out_dir DIR --to hf [--dtype ...] [--force]                      # export
 
 Import reads, telling the layout from the files it finds (never from the folder's name):
 - Meta consolidated: params.json + consolidated.NN.pth model-parallel shards (Llama 2, 3, 3.1);
@@ -14,8 +14,8 @@ Import reads, telling the layout from the files it finds (never from the folder'
 - Official PESC: the same files plus per-expert adapters (Camelidae, Qwen2idae, sparsetral),
   stacked into the project's (E, r, dim) / (E, dim, r) tensors.
 Tensors are streamed one at a time (safetensors safe_open, mmap'd torch.load), checked against
-the shapes the config implies, and written by model.write_checkpoint into a temporary directory
-that is renamed at the end: a failed conversion leaves nothing under --out.
+the shapes the config implies, and written by files.write_checkpoint into a temporary directory
+that is renamed at the end: a failed conversion leaves nothing under --out_dir.
 
 Export writes a project checkpoint as a Hugging Face Llama / Mistral / Qwen2 checkpoint, or a
 PESC one as a Camelidae-style (Qwen2idae-style for q/k/v-bias bases) checkpoint with the
@@ -30,27 +30,21 @@ import tempfile
 
 import torch
 
-import moe
-from model import FLAG, LLAMA3_ROPE, ModelConfig, Transformer, checkpoint_files, write_checkpoint
+import cli
 import tokenizer
+from files import checkpoint_files, write_checkpoint
+from model import LLAMA3_ROPE, ModelConfig, Transformer
+from moe import LINEARS, PESCConfig, merge_lora
 from tokenizer import Tokenizer, tokenizer_files
-from moe import PESCConfig
 
 # -----------------------------------------------------------------------------
 # Hugging Face names <-> project names
 
-# per-layer suffixes: HF -> project
+# per-layer suffixes: HF -> project; the seven linears come from moe.LINEARS
 _HF_LAYER_KEYS = {
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.q_proj.bias": "attention.wq.bias",
-    "self_attn.k_proj.bias": "attention.wk.bias",
-    "self_attn.v_proj.bias": "attention.wv.bias",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    **{f"{hf}.weight": f"{'attention' if hf.startswith('self_attn') else 'feed_forward'}.{attr}.weight"
+       for attr, hf in LINEARS.values()},
+    **{f"{LINEARS[t][1]}.bias": f"attention.{LINEARS[t][0]}.bias" for t in "qkv"},
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "ln1.weight": "attention_norm.weight",  # early Yi checkpoints
@@ -99,16 +93,12 @@ def expert_key(layer: int, expert: int, kind: str, sparsetral: bool = False) -> 
 
 
 def hf_rope(hf: dict):
-    """(rope_theta, rope_scaling) from an HF config: old keys or transformers 5's rope_parameters."""
+    """(rope_theta, rope_scaling) from an HF config: old keys or transformers 5's rope_parameters.
+    The scaling dict goes to ModelConfig as it is, which reads its kind (rope_type, or the legacy
+    type) and drops "default"."""
     params = dict(hf.get("rope_parameters") or {})
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or params or None
-    if scaling is not None:
-        scaling = dict(scaling)
-        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-        scaling.pop("rope_theta", None)
-        scaling = None if kind == "default" else {"rope_type": kind, **scaling}
-    return float(theta), scaling
+    return float(theta), hf.get("rope_scaling") or params or None
 
 
 def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -142,8 +132,12 @@ def hf_config_to_model_config(hf: dict, source: str = "config.json") -> ModelCon
 # -----------------------------------------------------------------------------
 # Shared plumbing
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DTYPES = cli.DTYPES
+
+
+def hf_dtype_name(dtype) -> str:
+    """What HF configs call a dtype ("bfloat16"), torch's own name."""
+    return str(dtype).removeprefix("torch.")
 
 # Files a tokenizer may need, copied along in both directions. The tokenizer itself reads
 # tokenizer.model (SentencePiece or tiktoken) or vocab.json + merges.txt; the rest is for HF.
@@ -240,7 +234,7 @@ def expected_shapes(config: ModelConfig) -> dict:
 
 def check_out(src, out, force):
     if os.path.realpath(src) == os.path.realpath(out):
-        raise ConvertError(f"--out {out} is the source checkpoint itself")
+        raise ConvertError(f"--out_dir {out} is the source checkpoint itself")
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} exists; pass --force to replace it")
 
@@ -607,7 +601,7 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
     dtype = DTYPES.get(dtype, dtype)
     if dtype is None:  # an HF config names its dtype; transformers 5 calls it "dtype"
         name = hf.get("torch_dtype") or hf.get("dtype")
-        dtype = {v: k for k, v in HF_DTYPE_NAMES.items()}.get(name)
+        dtype = {hf_dtype_name(d): d for d in DTYPES.values()}.get(name)
     moe_text = f", PESC {config.moe.num_experts} experts top-{config.moe.top_k}" if config.moe else ""
     print(f"{layout} checkpoint ({family}{moe_text}): {config.n_layers} layers, dim {config.dim}, "
           f"vocab {config.vocab_size}", flush=True)
@@ -631,9 +625,7 @@ def convert_checkpoint(src, out, dtype=None, rope_theta=None, force=False, max_s
 # checkpoint-N/moe_model.bin (routers and adapter experts), on the base they were trained on
 
 # PEFT target module names -> their HF module paths inside a layer
-_PEFT_MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                 "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-                 "down_proj": "mlp.down_proj"}
+_PEFT_MODULES = {hf.split(".")[1]: hf for _, hf in LINEARS.values()}
 _PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the HF model
 _PEFT_LORA_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.((?:self_attn|mlp)\.(\w+))\.lora_(A|B)\.weight")
 _ROUTER_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.moe_adapter\.router\.weight")
@@ -745,8 +737,8 @@ def convert_training_output(src, training_output, out, top_k, adapter_scaling, d
     number of experts and the adapter dim come from the tensors; top_k and adapter_scaling
     cannot, and the official scripts disagree on them, so the caller must give both."""
     if top_k is None or adapter_scaling is None:
-        raise ConvertError("--training_output needs --top_k and --adapter_scaling: the official train and merge "
-                           "scripts disagree on them (the tensors do not say), so there is no default")
+        raise ConvertError("--training_output needs --experts_per_token and --adapter_scaling: the official "
+                           "train and merge scripts disagree on them (the tensors do not say), so there is no default")
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_out(src, out, force)
@@ -769,14 +761,14 @@ def convert_training_output(src, training_output, out, top_k, adapter_scaling, d
         config, tensors, _, cfg_file, _ = read_official(src, layout, rope_theta)
         source_name = (lambda k: k) if layout == "meta" else hf_source_name
     if config.moe is not None:
-        raise ConvertError(f"{src} is already a PESC checkpoint; --src must be the dense base the run trained on")
+        raise ConvertError(f"{src} is already a PESC checkpoint; --ckpt must be the dense base the run trained on")
     shapes = expected_shapes(config)
     deltas = read_peft_lora(os.path.join(training_output, "adapter_model"), shapes)
     E, r, adapters = read_moe_adapters(os.path.join(training_output, "moe_model.bin"), config)
     try:
         config.moe = PESCConfig(num_experts=E, top_k=top_k, adapter_dim=r, adapter_scaling=adapter_scaling)
     except ValueError as e:
-        raise ConvertError(f"--top_k {top_k}: {e}") from None
+        raise ConvertError(f"--experts_per_token {top_k}: {e}") from None
     print(f"{training_output}: LoRA on {len(deltas)} base linears merged; PESC {E} experts, adapter dim {r}, "
           f"top-{top_k}, scaling {adapter_scaling:g}", flush=True)
 
@@ -823,7 +815,7 @@ def hf_config(config: ModelConfig, dtype) -> dict:
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
-        "tie_word_embeddings": c.tie_embeddings, "torch_dtype": HF_DTYPE_NAMES[dtype],
+        "tie_word_embeddings": c.tie_embeddings, "torch_dtype": hf_dtype_name(dtype),
     }
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -840,7 +832,7 @@ def hf_config(config: ModelConfig, dtype) -> dict:
                           "AutoModelForCausalLM": f"modeling_{family}.{_OFFICIAL_CLASSES[family][1]}"}
         hf.update(num_experts=p.num_experts, topk=p.top_k, adapter_dim=p.adapter_dim,
                   moe_scaling=p.adapter_scaling, adapter_dropout=p.adapter_dropout,
-                  moe_dtype=HF_DTYPE_NAMES[dtype], output_router_logits=False)
+                  moe_dtype=hf_dtype_name(dtype), output_router_logits=False)
         if not c.qkv_bias and c.rope_theta != 10000.0:
             print(f"warning: the official Camelidae code ignores rope_theta and uses 10000; this model uses "
                   f"{c.rope_theta:g}, so that code will not compute the same logits", file=sys.stderr)
@@ -875,9 +867,9 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
         model = Transformer.from_pretrained(src)
     except (OSError, KeyError, ValueError) as e:
         raise ConvertError(e.args[0] if e.args else str(e)) from None
-    if any(isinstance(m, moe.LoRALinear) for m in model.modules()):
+    if model.config.lora is not None:
         print("merging LoRA into the base weights")
-        moe.merge_lora(model)
+        merge_lora(model)
     dtype = DTYPES.get(dtype, dtype) or model.tok_embeddings.weight.dtype
     config = hf_config(model.config, dtype)
     print(f"exporting {src} as {config['model_type']} ({config['architectures'][0]})", flush=True)
@@ -899,38 +891,43 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
 # -----------------------------------------------------------------------------
 
 
+# old option names that still work, with a note
+RENAMED = {"--src": "--ckpt", "--out": "--out_dir", "--top_k": "--experts_per_token"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert checkpoints: official layouts -> project (default), "
-                                            "or project -> Hugging Face (--to hf).")
-    p.add_argument("--src", required=True, help="checkpoint directory to read")
-    p.add_argument("--out", required=True, help="directory to write (must not exist unless --force)")
+                                            "or project -> Hugging Face (--to hf).", allow_abbrev=False)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory to read")
+    p.add_argument("--out_dir", required=True, help="directory to write (must not exist unless --force)")
     p.add_argument("--to", choices=("project", "hf"), default="project", help="direction (default: import)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="output dtype (default: the source's)")
     p.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base to use instead of the config's (import only; Camelidae defaults to 10000)")
-    p.add_argument("--force", default=False, **FLAG, help="replace an existing --out")
-    g = p.add_argument_group("the official trainer's output (--src is then the dense base it trained on)")
+    p.add_argument("--force", default=False, **cli.FLAG, help="replace an existing --out_dir")
+    g = p.add_argument_group("the official trainer's output (--ckpt is then the dense base it trained on)")
     g.add_argument("--training_output", default=None,
                    help="checkpoint-N of train_moe.py: adapter_model/ (PEFT LoRA) and moe_model.bin")
-    g.add_argument("--top_k", type=int, default=None, help="experts per token (required: not in the files)")
+    g.add_argument("--experts_per_token", type=int, default=None,
+                   help="experts per token, top-k (required: not in the files)")
     g.add_argument("--adapter_scaling", type=float, default=None,
                    help="the adapters' scaling s, moe_scaling (required: not in the files)")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv, RENAMED)
     try:
         if args.training_output is not None:
             if args.to == "hf":
                 raise ConvertError("--training_output imports; export the result with a second --to hf call")
-            convert_training_output(args.src, args.training_output, args.out, args.top_k, args.adapter_scaling,
-                                    args.dtype, args.rope_theta, args.force)
-        elif args.top_k is not None or args.adapter_scaling is not None:
-            raise ConvertError("--top_k and --adapter_scaling go with --training_output")
+            convert_training_output(args.ckpt, args.training_output, args.out_dir, args.experts_per_token,
+                                    args.adapter_scaling, args.dtype, args.rope_theta, args.force)
+        elif args.experts_per_token is not None or args.adapter_scaling is not None:
+            raise ConvertError("--experts_per_token and --adapter_scaling go with --training_output")
         elif args.to == "hf":
             if args.rope_theta is not None:
                 raise ConvertError("--rope_theta applies to import only")
-            export_hf(args.src, args.out, args.dtype, args.force)
+            export_hf(args.ckpt, args.out_dir, args.dtype, args.force)
         else:
-            convert_checkpoint(args.src, args.out, args.dtype, args.rope_theta, args.force)
+            convert_checkpoint(args.ckpt, args.out_dir, args.dtype, args.rope_theta, args.force)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

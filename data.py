@@ -52,7 +52,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections import deque
@@ -62,6 +61,8 @@ from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 import torch
+
+from files import file_fingerprint, staged_dir
 
 IGNORE_INDEX = -100  # the model's cross_entropy ignores these targets
 PROMPT_KEYS = ("query", "problem", "prompt", "question")
@@ -96,22 +97,6 @@ def parse_data_spec(spec):
     if len({w is None for _, w in sources}) > 1:
         raise ValueError(f"--data {spec!r}: give every source a weight, or none (then each keeps all its rows)")
     return sources
-
-
-def file_fingerprint(path):
-    """A hash of a file's size and contents: all of it up to 4 MiB, else 64 slices of 64 KiB spread
-    over it (always the first and the last), so that a 10 GB dataset is fingerprinted in
-    milliseconds. An edit that keeps the size and misses every slice goes unnoticed."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= 64 * 65536:
-            h.update(f.read())
-        else:
-            for i in range(64):
-                f.seek((size - 65536) * i // 63)
-                h.update(f.read(65536))
-    return h.hexdigest()
 
 
 def data_hash(spec):
@@ -556,21 +541,6 @@ def _read_arrays(directory, key=None, in_memory=False):
     return header, arrays
 
 
-def _publish(tmp, final):
-    """Rename the finished tmp to final. Under a rebuild the old final is moved aside first; if
-    another process published the same key meanwhile, its copy wins and tmp is dropped."""
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_or_build(build, cache_dir, key, rebuild=False, builder=True, build_id=None, log=print):
     """(header, arrays) of the cache directory cache_dir/key, built by build(directory) -> header
     if missing, incomplete or rebuild is asked for.
@@ -596,17 +566,13 @@ def load_or_build(build, cache_dir, key, rebuild=False, builder=True, build_id=N
             return header, arrays
         if os.path.exists(final):
             log(f"token cache: {final} is incomplete ({arrays}); rebuilding it")
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=cache_dir)
-    try:
-        log(f"token cache: building {final}")
+    log(f"token cache: building {final}")
+    # under a rebuild the old copy is replaced only once the new one is whole; if another process
+    # published the same key meanwhile, its copy wins (files.replace_dir)
+    with staged_dir(final) as tmp:
         header = {**build(tmp), "key": key, "build_id": build_id}
         with open(os.path.join(tmp, "header.json"), "w") as f:
             json.dump(header, f, indent=1)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     header, arrays = _read_arrays(final, key)
     if header is None:
         raise RuntimeError(f"token cache {final}: just built, but {arrays}")

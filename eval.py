@@ -37,26 +37,26 @@ continuation is what lies past encode(context); an empty context is the BOS (els
 acc takes the choice with the largest summed log-likelihood, acc_norm the largest per character
 of the answer. Generated code is never executed: there is no HumanEval / MBPP execution here.
 
---harness TASKS runs the harness's own task definitions through eval.PESCLM (registered with
-the harness as "pesc"); those name datasets on the Hugging Face hub, which the harness loads from
-its cache or the hub, unless --include_path gives task YAMLs over local files.
+--harness TASKS runs the harness's own task definitions through eval.PESCLM, which importing
+this module registers with the harness as "pesc" whenever lm-eval is installed (so
+`import eval; lm_eval.simple_evaluate(model="pesc", model_args="ckpt=DIR", ...)` works); those
+tasks name datasets on the Hugging Face hub, which the harness loads from its cache or the hub,
+unless --include_path gives task YAMLs over local files.
 
 Requests are batched, longest first; the continuations of one prompt share its computation
 (the prompt is prefilled once into the KV cache, each continuation runs after it). For PESC checkpoints
 the share of routing of each expert in each layer is reported per task (the paper's
-expert-specialisation analysis), with an SVG heatmap beside --out.
+expert-specialisation analysis), with a heatmap beside --results (PNG; needs matplotlib).
 """
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
 import random
 import re
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,10 +65,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
 import moe
+from files import checkpoint_fingerprint, write_atomic
 from model import Transformer
-from sample import DTYPES, generate
+from sample import generate
 from tokenizer import Tokenizer
+
+try:  # optional: only the harness adapter (eval.PESCLM, --harness) needs lm-evaluation-harness
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    LM = register_model = None
 
 KINDS = ("mmlu", "hellaswag", "mc", "gsm8k", "ppl")
 FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
@@ -649,34 +657,36 @@ def routing_share(counts):
     return (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()
 
 
-def routing_svg(share, title):
-    """A heatmap of share (layers x experts) as SVG text: darker is a larger share."""
-    cell, left, top = 28, 56, 40
-    L, E = len(share), len(share[0])
-    peak = max(max(row) for row in share) or 1.0
-    width, height = left + E * cell + 10, top + L * cell + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="10">', f'<text x="{left}" y="16" font-size="12">{escape_xml(title)}</text>',
-             f'<text x="{left}" y="30">share of routing per expert, darkest = {peak:.0%}</text>']
-    for layer, row in enumerate(share):
-        y = top + layer * cell
-        parts.append(f'<text x="4" y="{y + cell * 0.65:.0f}">layer {layer}</text>')
-        for e, s in enumerate(row):
-            shade = round(255 * (1 - s / peak))
-            fill = f"rgb({shade},{shade},255)"
-            ink = "white" if s / peak > 0.5 else "black"
-            x = left + e * cell
-            parts.append(f'<rect x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" fill="{fill}"/>'
-                         f'<text x="{x + 3}" y="{y + cell * 0.65:.0f}" fill="{ink}" font-size="8">'
-                         f'{100 * s:.0f}</text>')
-    for e in range(E):
-        parts.append(f'<text x="{left + e * cell + 8}" y="{top + L * cell + 14}">{e}</text>')
-    parts.append(f'<text x="{left}" y="{top + L * cell + 27}">expert</text></svg>')
-    return "\n".join(parts) + "\n"
+def plot_routing(shares, path, title=""):
+    """Heatmaps of the share of routing per layer (rows) and expert (columns), one panel per entry
+    of shares ({name: (layers, experts) nested lists}), written to path (PNG). Needs matplotlib,
+    an optional dependency: without it nothing is drawn and a note says so; returns whether drawn."""
+    try:
+        import matplotlib
 
-
-def escape_xml(text):
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        cli.note(f"{path} not drawn: the routing heatmaps need matplotlib (pip install matplotlib)")
+        return False
+    names = list(shares)
+    L, E = len(shares[names[0]]), len(shares[names[0]][0])
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.45 * E * len(names), 1.4 + 0.4 * L), squeeze=False)
+    peak = max(max(max(row) for row in shares[n]) for n in names) or 1.0
+    for ax, name in zip(axes[0], names):
+        image = ax.imshow(shares[name], cmap="Blues", vmin=0, vmax=peak, aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(L))
+        ax.set_ylabel("layer" if ax is axes[0][0] else "")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of routed tokens")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")  # renamed when complete
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -712,32 +722,6 @@ def run_task(model, tokenizer, task, args, rank=0, world=1):
     return outcomes, counts
 
 
-def fingerprint(ckpt):
-    """sha256 of the checkpoint's config.json and weight files (their whole content)."""
-    h = hashlib.sha256()
-    names = sorted(f for f in os.listdir(ckpt) if f == "config.json" or f.endswith(".safetensors"))
-    for name in names:
-        h.update(name.encode() + b"\0")
-        with open(os.path.join(ckpt, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(path, text):
-    """Write text to path through a temporary file in the same folder, renamed when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def table(rows):
     lines = ["| task | shots | metric | value | stderr | n |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -756,9 +740,9 @@ def load(ckpt, device, dtype):
 
 
 def evaluate(args):
-    """Run every --task; on rank 0 print the table and write --out, its heatmaps, --log_samples."""
+    """Run every --task; on rank 0 print the table and write --results, its heatmaps, --log_samples."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
+    device = cli.resolve_device(args.device)
     if world > 1:
         rank = int(os.environ["RANK"])
         if device.type == "cuda":
@@ -773,7 +757,7 @@ def evaluate(args):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise TaskError(f"--task: {dup[0]} is given twice")
-        model, tokenizer = load(args.ckpt, device, pick_dtype(args.dtype, device))
+        model, tokenizer = load(args.ckpt, device, cli.resolve_dtype(args.dtype, device))
         rows, samples, routing = [], [], {}
         for task in tasks:
             t0 = time.perf_counter()
@@ -796,101 +780,82 @@ def evaluate(args):
 
 def write_results(args, rows, samples, routing):
     print(table(rows))
-    if args.out:
+    if args.results:
         result = {"results": rows, "routing": routing,
-                  "checkpoint": {"path": os.path.abspath(args.ckpt), "fingerprint": fingerprint(args.ckpt)},
+                  "checkpoint": {"path": os.path.abspath(args.ckpt), "fingerprint": checkpoint_fingerprint(args.ckpt)},
                   "options": vars(args), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-        stem = os.path.splitext(args.out)[0]
-        for name, r in routing.items():
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-            title = f"{name}: {os.path.basename(os.path.abspath(args.ckpt))}"
-            write_atomic(f"{stem}.{safe}.routing.svg", routing_svg(r["share"], title))
+        write_atomic(args.results, json.dumps(result, indent=2) + "\n")
+        if routing:
+            plot_routing({name: r["share"] for name, r in routing.items()},
+                         os.path.splitext(args.results)[0] + ".routing.png",
+                         f"expert routing per task: {os.path.basename(os.path.abspath(args.ckpt))}")
     if args.log_samples:
         write_atomic(args.log_samples, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-
-
-def pick_dtype(name, device):
-    if name is not None:
-        return DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 # -----------------------------------------------------------------------------
 # The lm-evaluation-harness adapter (optional: `pip install lm-eval`)
 
-_HARNESS_LM = None
+
+class PESCLM(LM or object):
+    """The harness's LM over a project checkpoint, registered as "pesc" when this module is
+    imported with lm-eval installed. model_args: ckpt=DIR, and batch_size, device, dtype (fp32,
+    bf16, fp16, auto), max_length."""
+
+    def __init__(self, ckpt, batch_size=16, device="auto", dtype="auto", max_length=None, max_batch_size=None):
+        if LM is None:
+            raise ImportError("eval.PESCLM and --harness need lm-evaluation-harness: pip install lm-eval")
+        super().__init__()
+        self._device = cli.resolve_device(device or "auto")
+        self.model, self.tokenizer = load(ckpt, self._device, cli.resolve_dtype(dtype or "auto", self._device))
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or self.model.config.max_seq_len)
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        contexts, order = {}, []  # one request per distinct context: its continuations share a row
+        for req in requests:
+            ctx_ids, cont_ids = encode_pair(self.tokenizer, *req.args)
+            key = tuple(ctx_ids)
+            conts = contexts.setdefault(key, [])
+            order.append((key, len(conts)))
+            conts.append(cont_ids)
+        keys = list(contexts)
+        scores = loglikelihoods(self.model, [(list(k), contexts[k]) for k in keys], self.batch_size,
+                                self.max_length, Progress("loglikelihood", len(keys), not disable_tqdm))
+        by_key = dict(zip(keys, scores))
+        return [by_key[k][j] for k, j in order]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        texts = [req.args[0] for req in requests]
+        return [ll for ll, _ in rolling_loglikelihood(self.model, self.tokenizer, texts, self.batch_size,
+                                                      self.max_length, not disable_tqdm, "loglikelihood_rolling")]
+
+    def generate_until(self, requests, disable_tqdm=False):
+        groups = {}  # requests with the same generation options run together
+        for i, req in enumerate(requests):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos = self.tokenizer.decode([self.tokenizer.eos_id])
+            key = (tuple(until + ([eos] if eos not in until else [])), int(kwargs.get("max_gen_toks", 256)))
+            groups.setdefault(key, []).append((i, context))
+        out = [None] * len(requests)
+        progress = Progress("generate_until", len(requests), not disable_tqdm)
+        for (stops, max_new), members in groups.items():
+            texts = generate_until(self.model, self.tokenizer, [c for _, c in members], list(stops), max_new,
+                                   self.batch_size, progress)
+            for (i, _), text in zip(members, texts):
+                out[i] = text
+        return out
 
 
-def harness_adapter():
-    """The class eval.PESCLM: the harness's LM over a project checkpoint, registered as "pesc"."""
-    global _HARNESS_LM
-    if _HARNESS_LM is not None:
-        return _HARNESS_LM
+if register_model is not None:
     try:
-        from lm_eval.api.model import LM
-        from lm_eval.api.registry import register_model
-    except ImportError:
-        raise ImportError("eval.PESCLM and --harness need lm-evaluation-harness: pip install lm-eval") from None
-
-    class PESCLM(LM):
-        """model_args: ckpt=DIR, and batch_size, device, dtype (fp32, bf16, fp16), max_length."""
-
-        def __init__(self, ckpt, batch_size=16, device=None, dtype=None, max_length=None, max_batch_size=None):
-            super().__init__()
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            self.model, self.tokenizer = load(ckpt, self._device, pick_dtype(dtype, self._device))
-            self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-            self.max_length = int(max_length or self.model.config.max_seq_len)
-
-        def loglikelihood(self, requests, disable_tqdm=False):
-            contexts, order = {}, []  # one request per distinct context: its continuations share a row
-            for req in requests:
-                ctx_ids, cont_ids = encode_pair(self.tokenizer, *req.args)
-                key = tuple(ctx_ids)
-                conts = contexts.setdefault(key, [])
-                order.append((key, len(conts)))
-                conts.append(cont_ids)
-            keys = list(contexts)
-            scores = loglikelihoods(self.model, [(list(k), contexts[k]) for k in keys], self.batch_size,
-                                    self.max_length, Progress("loglikelihood", len(keys), not disable_tqdm))
-            by_key = dict(zip(keys, scores))
-            return [by_key[k][j] for k, j in order]
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            texts = [req.args[0] for req in requests]
-            return [ll for ll, _ in rolling_loglikelihood(self.model, self.tokenizer, texts, self.batch_size,
-                                                          self.max_length, not disable_tqdm, "loglikelihood_rolling")]
-
-        def generate_until(self, requests, disable_tqdm=False):
-            groups = {}  # requests with the same generation options run together
-            for i, req in enumerate(requests):
-                context, kwargs = req.args
-                kwargs = dict(kwargs or {})
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                eos = self.tokenizer.decode([self.tokenizer.eos_id])
-                key = (tuple(until + ([eos] if eos not in until else [])), int(kwargs.get("max_gen_toks", 256)))
-                groups.setdefault(key, []).append((i, context))
-            out = [None] * len(requests)
-            progress = Progress("generate_until", len(requests), not disable_tqdm)
-            for (stops, max_new), members in groups.items():
-                texts = generate_until(self.model, self.tokenizer, [c for _, c in members], list(stops), max_new,
-                                       self.batch_size, progress)
-                for (i, _), text in zip(members, texts):
-                    out[i] = text
-            return out
-
-    PESCLM.__qualname__ = "PESCLM"  # it is eval.PESCLM to the user
-    _HARNESS_LM = register_model("pesc")(PESCLM)
-    return _HARNESS_LM
-
-
-def __getattr__(name):
-    if name == "PESCLM":  # built on first use, so that eval.py imports without lm-eval
-        return harness_adapter()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        register_model("pesc")(PESCLM)
+    except ValueError:  # this file imported a second time (as __main__ and as eval): the first stays
+        pass
 
 
 def run_harness(args):
@@ -901,16 +866,16 @@ def run_harness(args):
         from lm_eval.utils import make_table
     except ImportError:
         raise SystemExit("--harness needs lm-evaluation-harness: pip install lm-eval") from None
-    lm = harness_adapter()(ckpt=args.ckpt, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    lm = PESCLM(ckpt=args.ckpt, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     results = lm_eval.simple_evaluate(model=lm, tasks=args.harness.split(","), num_fewshot=args.shots,
                                       limit=args.limit, log_samples=bool(args.log_samples),
                                       task_manager=TaskManager(include_path=args.include_path))
     print(make_table(results))
-    if args.out:
+    if args.results:
         out = {"results": results["results"], "configs": results.get("configs"),
-               "checkpoint": {"path": os.path.abspath(args.ckpt), "fingerprint": fingerprint(args.ckpt)},
+               "checkpoint": {"path": os.path.abspath(args.ckpt), "fingerprint": checkpoint_fingerprint(args.ckpt)},
                "options": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_atomic(args.out, json.dumps(out, indent=2, default=str) + "\n")
+        write_atomic(args.results, json.dumps(out, indent=2, default=str) + "\n")
     if args.log_samples:
         lines = [json.dumps({"task": task, **s}, default=str) + "\n" for task, per in results["samples"].items()
                  for s in per]
@@ -920,9 +885,12 @@ def run_harness(args):
 # -----------------------------------------------------------------------------
 # The command line
 
+RENAMED = {"--out": "--results"}  # old option names that still work, with a note
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a project checkpoint on local benchmark files.")
+    p = argparse.ArgumentParser(description="Evaluate a project checkpoint on local benchmark files.",
+                                allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="checkpoint directory: config.json, safetensors, tokenizer")
     p.add_argument("--task", action="append", default=[], metavar="KIND=PATH[,FEWSHOT_PATH]",
                    help=f"KIND one of {', '.join(KINDS)}; repeat for several tasks")
@@ -932,12 +900,11 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=256, help="generation tasks (the harness's max_gen_toks)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--batch_size", type=int, default=16, help="rows per forward (per process)")
-    p.add_argument("--out", default=None, help="results JSON; routing heatmaps are written beside it")
+    p.add_argument("--results", default=None, help="results JSON file; the routing heatmaps go beside it")
     p.add_argument("--log_samples", default=None, help="JSONL with one line per scored document")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = p.parse_args(argv)
+    cli.add_device_dtype(p)
+    p.add_argument("--quiet", default=False, **cli.FLAG, help="no progress lines")
+    args = cli.parse(p, argv, RENAMED)
     if bool(args.task) == bool(args.harness):
         p.error("give --task (local files) or --harness (the harness's tasks), one of the two")
     if args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):

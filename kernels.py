@@ -38,21 +38,31 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+MODES = ("auto", "triton", "torch")
+
+
+def mode() -> str:
+    """PESC_KERNELS (auto, triton or torch; default auto): the one place it is read. Read at each
+    call, so that a test or a benchmark may set it between calls."""
+    m = os.environ.get("PESC_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"PESC_KERNELS={m!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether to run x through the Triton kernels: PESC_KERNELS=auto (CUDA + Triton) | triton | torch."""
-    mode = os.environ.get("PESC_KERNELS", "auto")
-    if mode == "auto":
+    """Whether to run x through the Triton kernels: auto (CUDA + Triton) | triton | torch."""
+    m = mode()
+    if m == "auto":
         return x.is_cuda and triton is not None
-    if mode == "torch":
+    if m == "torch":
         return False
-    if mode == "triton":
-        if triton is None:
-            raise RuntimeError("PESC_KERNELS=triton but Triton is not installed (pip install triton)")
-        if not x.is_cuda and not _INTERPRET:
-            raise RuntimeError("PESC_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 "
-                               "set before kernels.py is imported")
-        return True
-    raise ValueError(f"PESC_KERNELS={mode!r}: expected one of auto, triton, torch")
+    if triton is None:
+        raise RuntimeError("PESC_KERNELS=triton but Triton is not installed (pip install triton)")
+    if not x.is_cuda and not _INTERPRET:
+        raise RuntimeError("PESC_KERNELS=triton with CPU tensors needs TRITON_INTERPRET=1 "
+                           "set before kernels.py is imported")
+    return True
 
 
 def _cdiv(a, b):

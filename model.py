@@ -12,14 +12,11 @@ Internal layout: q/k rows are in the Hugging Face "rotate halves" order, so HF c
 as they are and Meta checkpoints are permuted on import (convert.py).
 """
 
-import argparse
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -29,7 +26,8 @@ import torch.nn.functional as F
 import kernels
 import moe
 import quant
-from moe import PESCConfig
+from files import checkpoint_files, mmap_safetensors, write_checkpoint
+from moe import LoRAConfig, PESCConfig
 
 # -----------------------------------------------------------------------------
 # Config
@@ -53,6 +51,7 @@ class ModelConfig:
     qkv_bias: bool = False
     sliding_window: Optional[int] = None
     moe: Optional[PESCConfig] = None  # None: dense FFN; else every FFN is a PESC layer
+    lora: Optional[LoRAConfig] = None  # None: plain base linears; else LoRA on the target ones
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -63,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if isinstance(self.moe, dict):
             self.moe = PESCConfig(**self.moe)
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**self.lora)
         if self.rope_scaling is not None:
             rs = dict(self.rope_scaling)
             rs.setdefault("rope_type", rs.pop("type", None))  # legacy HF key
@@ -87,7 +88,14 @@ class ModelConfig:
             raise ValueError(f"{source}: unknown model config key(s) {unknown}")
         d = dict(d)
         if d.get("moe") is not None:
-            d["moe"] = PESCConfig.from_dict(d["moe"], source)
+            moe_dict = dict(d["moe"])
+            # written before LoRA had a config of its own: it lived in the PESC settings
+            old_lora = {k[len("lora_"):]: moe_dict.pop(k) for k in list(moe_dict) if k.startswith("lora_")}
+            if old_lora.get("rank", 0) > 0:
+                d["lora"] = old_lora
+            d["moe"] = PESCConfig.from_dict(moe_dict, source)
+        if d.get("lora") is not None:
+            d["lora"] = LoRAConfig.from_dict(d["lora"], source)
         return cls(**d)
 
 
@@ -269,10 +277,6 @@ def document_block_mask(doc_ids, positions, sliding_window=None):
 def use_flex_attention(x) -> bool:
     """Whether packed rows take document_block_mask: on CUDA, where FlexAttention compiles to a
     fused kernel (on the CPU it runs unfused, forward only, slower than the dense mask)."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
     return x.is_cuda
 
 
@@ -381,8 +385,11 @@ class Transformer(nn.Module):
         # (batch, slots); what attention_mask compares a query with. None: no cache.
         self.register_buffer("slot_positions", None, persistent=False)
         self.register_buffer("slot_doc_ids", None, persistent=False)
+        self.config = replace(config, moe=None, lora=None)  # the dense model; what follows adds to it
         if config.moe is not None:  # a PESC model: every FFN becomes a mixture of adapters
             moe.upcycle(self, config.moe)
+        if config.lora is not None:  # LoRA on the base linears (a model in training)
+            moe.add_lora(self, config.lora)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int):
         """Allocate a static KV cache of max_seq_len slots; afterwards call model(idx, input_pos=pos)."""
@@ -549,6 +556,9 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{cfg_file}: no config.json, not a project checkpoint")
         with open(cfg_file) as f:
             config = ModelConfig.from_dict(json.load(f), cfg_file)
+        if quantize and config.lora is not None:
+            raise ValueError(f"{cfg_file}: the checkpoint carries unmerged LoRA; merge it into the base "
+                             f"(moe.merge_lora, then save_pretrained) before loading with quantize='nf4'")
         with torch.device("meta"):
             model = cls(config)
         expected = dict(model.state_dict())
@@ -586,9 +596,6 @@ class Transformer(nn.Module):
         for key, p in packed.items():  # the meta nn.Linear gives way to the NF4 linear
             parent, name = key[:-len(".weight")].rsplit(".", 1)
             module = model.get_submodule(parent)
-            if type(getattr(module, name)) is not nn.Linear:
-                raise ValueError(f"{where[key]}: {key!r} carries unmerged LoRA; merge it into the base "
-                                 f"(moe.merge_lora, then save_pretrained) before loading with quantize='nf4'")
             setattr(module, name, quant.NF4Linear(p, getattr(module, name).bias))
         if config.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
@@ -627,14 +634,13 @@ def _matmul_flops(linears, flows):
 # Dense (no sparsity) peak FLOP/s of each GPU's tensor cores, by compute dtype, from the vendor
 # datasheets (SXM parts). Looked up by a substring of torch.cuda.get_device_name(), in order.
 PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, "tf32": 495e12, torch.float32: 67e12},
+    "H100 PCIe": {torch.bfloat16: 756e12, torch.float16: 756e12, "tf32": 378e12, torch.float32: 51e12},
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, "tf32": 495e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, "tf32": 156e12, torch.float32: 19.5e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, "tf32": 183e12, torch.float32: 91.6e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, "tf32": 60e12, torch.float32: 30.3e12},
 }
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def peak_flops(device=None, dtype=torch.bfloat16):
@@ -642,15 +648,15 @@ def peak_flops(device=None, dtype=torch.bfloat16):
     matmuls use it), or None: a CPU, or a GPU not in PEAK_FLOPS."""
     if torch.device(device or "cpu").type != "cuda":
         return None
-    key = _DTYPE_NAMES[dtype]
-    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-        key = "tf32"
+    key = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else dtype
     name = torch.cuda.get_device_name(device)
     return next((table[key] for gpu, table in PEAK_FLOPS.items() if gpu in name), None)
-# The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LORA_TARGETS),
+
+
+# The weights that quantize="nf4" stores in NF4: the seven linears of every block (moe.LINEARS),
 # never embeddings, norms, the LM head, routers or adapters.
 QUANTIZED_KEY = re.compile(r"layers\.\d+\.(attention|feed_forward)\.(%s)\.weight"
-                            % "|".join(moe.LORA_TARGETS.values()))
+                            % "|".join(attr for attr, _ in moe.LINEARS.values()))
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
@@ -661,145 +667,3 @@ def cross_entropy(logits, targets, ignore_index=-100):
     targets = targets.reshape(-1)
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     return total / (targets != ignore_index).sum().clamp(min=1)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint files (shared by save_pretrained and convert.py)
-
-
-def checkpoint_files(path) -> list:
-    """The safetensors files of a project checkpoint, from its index when sharded."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        for fname in files:
-            if not os.path.isfile(os.path.join(path, fname)):
-                raise FileNotFoundError(f"{index}: shard {fname} is missing")
-        return [os.path.join(path, f) for f in files]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    return [single]
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def mmap_safetensors(fname) -> dict:
-    """The tensors of a safetensors file, each a view of its own private memory map of the file
-    (copy on write: writing to one never changes the file). Pages are read when first touched and
-    leave the process's memory when the tensor is freed, so a caller that copies out a part of
-    each tensor and drops it never holds more of the file than one tensor."""
-    import mmap as _mmap
-
-    out = {}
-    with open(fname, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"{fname}: the safetensors header is not JSON ({e})") from None
-        size = os.path.getsize(fname)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if info.get("dtype") not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{fname}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            numel = math.prod(info["shape"])
-            if end - start != numel * dtype.itemsize or 8 + n + end > size:
-                raise ValueError(f"{fname}: tensor {key!r} has data_offsets {info['data_offsets']} that do not "
-                                 f"fit its shape {info['shape']} and dtype {info['dtype']} or the file")
-            if numel == 0:
-                out[key] = torch.empty(info["shape"], dtype=dtype)
-                continue
-            first = (8 + n + start) // _mmap.ALLOCATIONGRANULARITY * _mmap.ALLOCATIONGRANULARITY
-            buf = _mmap.mmap(f.fileno(), 8 + n + end - first, access=_mmap.ACCESS_COPY, offset=first)
-            out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + start - first).view(info["shape"])
-    return out
-
-
-def write_checkpoint(path, config: dict, state, max_shard_bytes: int = 5 * 2**30,
-                     extra_files=(), overwrite: bool = True):
-    """Atomically write a checkpoint directory: config.json, safetensors shards, extra files.
-
-    `state` is a dict or any iterable of (name, tensor) pairs, consumed in order, so a generator
-    streams tensors in one at a time. extra_files are (source path, name) pairs copied in, e.g.
-    the tokenizer."""
-    from safetensors.torch import save_file
-
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        # write each shard as soon as it is full, so memory holds one shard, not the model;
-        # shards get their final "-of-N" names once N is known
-        written, current, size = [], {}, 0  # written: (temp file name, {key: nbytes})
-
-        def flush():
-            name = f"shard-{len(written):05d}.tmp"
-            save_file(current, os.path.join(tmp, name), metadata={"format": "pt"})
-            written.append((name, {k: t.numel() * t.element_size() for k, t in current.items()}))
-
-        for k, t in state.items() if isinstance(state, dict) else state:
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                flush()
-                current, size = {}, 0
-            current[k], size = t, size + nbytes
-        flush()
-        current = None
-        if len(written) == 1:
-            os.rename(os.path.join(tmp, written[0][0]), os.path.join(tmp, "model.safetensors"))
-        else:
-            weight_map, total = {}, 0
-            for i, (tmp_name, sizes) in enumerate(written):
-                name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-                os.rename(os.path.join(tmp, tmp_name), os.path.join(tmp, name))
-                for k, nbytes in sizes.items():
-                    weight_map[k] = name
-                    total += nbytes
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        for src, name in extra_files:
-            shutil.copyfile(src, os.path.join(tmp, name))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp, path):
-    """Move the finished directory tmp to path, replacing an old one only once tmp is complete."""
-    if os.path.exists(path):
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# The command lines' one convention for a boolean option: --x, --x true, --x false
-
-
-def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-FLAG = dict(type=str2bool, nargs="?", const=True)  # p.add_argument("--x", default=False, **FLAG)

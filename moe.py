@@ -13,15 +13,15 @@ loss is the Switch Transformer one (not the constant that the official code comp
 
 The PESC settings have one home, the model's `config.moe`: a PESC layer is built from it and
 receives it with every call, so changing a training knob (dropout, loss weights) cannot leave a
-stale copy behind. `set_trainable` alone decides which tensors train in each training mode.
+stale copy behind. LoRA on the base linears is described by `config.lora` alone (None: none).
+`make_trainable` builds the model a training mode trains; `set_trainable` alone decides which
+tensors train in each mode.
 
 This module never imports model.py: `upcycle` works on the model instance it is given.
 """
 
 import contextlib
 import math
-import os
-import threading
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
@@ -36,24 +36,16 @@ import quant
 @dataclass
 class PESCConfig:
     num_experts: int = 8
-    top_k: int = 2
+    top_k: int = 2  # experts per token
     adapter_dim: int = 512
     adapter_scaling: float = 0.25  # s, "moe_scaling" in the official configs
     adapter_dropout: float = 0.1  # on the adapter input (0.1 Camelidae, 0 sparsetral)
     aux_loss_coef: float = 0.01  # load balancing (Switch Transformer), 1.0 at perfect balance
     z_loss_coef: float = 0.0  # ST-MoE router z-loss, off by default
-    lora_rank: int = 0  # 0: no LoRA on the base linears
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
-        unknown = set(self.lora_targets) - set(LORA_TARGETS)
-        if unknown:
-            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {list(LORA_TARGETS)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -63,10 +55,7 @@ class PESCConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config"):
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown moe config key(s) {unknown}")
-        return cls(**d)
+        return _from_dict(cls, d, source, "moe")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,8 +69,45 @@ PESC_PRESETS = {
     "sparsetral-16x7b": dict(num_experts=16, top_k=4, adapter_dim=512, adapter_scaling=1.0, adapter_dropout=0.0),
 }
 
-# LoRA target names (the paper's) -> attribute names of the linears in model.py
-LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the base linears: base(x) + (alpha / rank) B A dropout(x). The defaults are the
+    official recipe's (QLoRA r=64, alpha 16, dropout 0.1 on all seven linears)."""
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank {self.rank} must be at least 1 (no LoRA: no LoRAConfig)")
+        unknown = set(self.targets) - set(LINEARS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; known: {list(LINEARS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        return _from_dict(cls, d, source, "lora")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _from_dict(cls, d, source, what):
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown {what} config key(s) {unknown}")
+    return cls(**d)
+
+
+# The seven base linears of a block, by the paper's name: (attribute in model.py's Attention or
+# FeedForward, Hugging Face's module in a layer). LoRA targets, NF4 quantization and every
+# checkpoint layout (HF, PEFT) name them from this table.
+LINEARS = {"q": ("wq", "self_attn.q_proj"), "k": ("wk", "self_attn.k_proj"), "v": ("wv", "self_attn.v_proj"),
+           "o": ("wo", "self_attn.o_proj"), "gate": ("w1", "mlp.gate_proj"), "up": ("w3", "mlp.up_proj"),
+           "down": ("w2", "mlp.down_proj")}
 
 # -----------------------------------------------------------------------------
 # Routing and the adapter experts
@@ -113,26 +139,14 @@ def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, 
     return y + (a.view(N, k, -1) * weights[..., None].to(y.dtype)).sum(1)
 
 
-def adapter_experts_gathered(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """For a few (token, slot) pairs, as when decoding: each pair gathers its expert's weights and
-    the adapters run as one batch of one-row matmuls, with no sort and no padding. The weights
-    moved grow with the number of pairs, so from 2E pairs on the sorted path is cheaper."""
-    N, k = experts.shape
-    flat = experts.reshape(-1)
-    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
-    x = yd.repeat_interleave(k, dim=0)[:, None]  # (N*k, 1, D)
-    h = F.gelu(torch.bmm(x, down[flat].transpose(1, 2)))  # (N*k, 1, r)
-    a = torch.bmm(h, up[flat].transpose(1, 2)).view(N, k, -1)  # (N, k, D)
-    return y + (a * (scaling * weights).to(y.dtype)[..., None]).sum(1)
-
-
 def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=128):
-    """Fast path in plain PyTorch: sort the (token, slot) pairs by expert, grouped matmuls.
+    """The fast path in plain PyTorch: sort the (token, slot) pairs by expert, grouped matmuls.
 
     Each expert's rows are padded to whole tiles of `block` rows, so every tile belongs to one
     expert and all tiles run as one batched matmul against their expert's weights. Every shape
-    is static (the tile count is an upper bound, at most E tiles are padding), so there is no
-    host synchronisation. Data moves only by gathers, forward and backward (scatters are slow)."""
+    is static (the tile count is an upper bound), so there is no host synchronisation, and the
+    path runs on any device, under torch.compile and on the meta device (plan.py traces it).
+    Data moves only by gathers, forward and backward (scatters are slow)."""
     N, k = experts.shape
     E = down.shape[0]
     NK, dev = N * k, y.device
@@ -141,12 +155,13 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
     e_sorted = flat[order]
-    counts = torch.bincount(flat, minlength=E)  # (E,)
+    counts = torch.zeros(E, dtype=torch.long, device=dev).index_add_(0, flat, torch.ones_like(flat))  # (E,)
     padded = (counts + block - 1) // block * block
     pend = torch.cumsum(padded, 0)
     start = torch.cumsum(counts, 0) - counts  # first sorted pair of each expert
     rows = pend[e_sorted] - padded[e_sorted] + torch.arange(NK, device=dev) - start[e_sorted]  # padded row
-    n_tiles = -(-NK // block) + E  # sum_e ceil(counts_e / block) never exceeds this
+    # sum_e ceil(counts_e / block) is at most E tiles of padding past the rows, and no tile is empty
+    n_tiles = min(-(-NK // block) + E, NK)
     P = n_tiles * block
     row_of = torch.empty_like(rows).scatter_(0, order, rows).view(N, k)  # padded row of each pair
     # padding rows read token 0 with weight 0: finite, and they contribute nothing anywhere
@@ -156,67 +171,28 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
 
     sw = (scaling * weights).to(y.dtype)  # (N, k)
     if dropout_p > 0 and training:
-        return y + _GroupedAdapters.apply(F.dropout(y, dropout_p), sw, down, up, pair, real, row_of, tile_expert, False)
-    return _GroupedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
+        return y + _SortedAdapters.apply(F.dropout(y, dropout_p), sw, down, up, pair, real, row_of, tile_expert, False)
+    return _SortedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
 
 
-# torch.nn.functional.grouped_mm (torch 2.10+), or its older private name
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def grouped_mm_usable(y, down) -> bool:
-    """Whether adapter_experts_grouped runs here: CUDA bf16 on sm90+ with 16-byte aligned rows.
-
-    Elsewhere grouped_mm either is missing, loops over the groups (the fp32 and pre-sm90
-    fallbacks), or rejects the strides; PESC_KERNELS=triton keeps the Triton kernel."""
-    E, r, D = down.shape
-    return (_grouped_mm is not None and y.is_cuda and y.dtype == torch.bfloat16 and down.dtype == y.dtype
-            and torch.cuda.get_device_properties(y.device).major >= 9 and D % 8 == 0 and r % 8 == 0  # compile folds it
-            and os.environ.get("PESC_KERNELS") != "triton")
-
-
-def adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """The adapters as two grouped GEMMs (torch's grouped_mm) over the expert-sorted pairs.
-
-    The group ends come from the sorted expert ids by searchsorted, on the device: no host sync
-    and no loop over experts; an empty expert is an empty group. The last group ends at N*k,
-    the number of rows, so no output row is left unwritten (grouped_mm leaves rows past the
-    last offset as they were: uninitialised memory). grouped_mm's own autograd does backward."""
-    N, k = experts.shape
-    E = down.shape[0]
-    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-    group_end = torch.searchsorted(flat[order], torch.arange(E, device=y.device), right=True).int()  # (E,)
-    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
-    sw = (scaling * weights).to(y.dtype).reshape(-1)[order]  # (N*k,) routing weight of each row
-    x = yd[order // k]  # (N*k, D) each row's token
-    h = F.gelu(_grouped_mm(x, down.transpose(1, 2), offs=group_end)) * sw[:, None]  # (N*k, r)
-    a = _grouped_mm(h, up.transpose(1, 2), offs=group_end)  # (N*k, D)
-    row_of = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=y.device)).view(N, k)
-    return y + _sum_slots(a, row_of)
-
-
-class _GroupedAdapters(torch.autograd.Function):
+class _SortedAdapters(torch.autograd.Function):
     """sum_j sw_j * U_e(GELU(D_e x)) over tiles of expert-sorted rows, plus x when `residual`.
 
     The hand-written backward moves dim-sized rows only by gathers (autograd would scatter-add
-    them) and scales by the routing weight on the small r-sized side. Two scratch buffers (see
-    `_scratch`) hold everything large: "rows" (padded rows x dim: the gathered inputs, then the
-    outputs; in backward the output gradients, the inputs again, then the input gradients) and
-    "tiles" (tiles x r x dim: one tile-weight or tile-gradient tensor at a time). Each is
-    overwritten only once its contents are used up. Nothing dim-sized per row is saved for
-    backward, which gathers the rows of x and the tile weights again."""
+    them) and scales by the routing weight on the small r-sized side. Nothing dim-sized per row is
+    saved for backward, which gathers the rows of x and the tile weights again; a (rows, dim)
+    buffer is written over once its contents are used up (out=)."""
 
     @staticmethod
     def forward(ctx, x, sw, down, up, pair, real, row_of, tile_expert, residual):
         D = x.shape[1]
-        T, P = tile_expert.numel(), pair.numel()  # tiles, padded rows
+        T = tile_expert.numel()
         src = pair // sw.shape[1]  # token of each row
         sw_row = (sw.reshape(-1)[pair] * real).view(T, -1, 1)  # (tiles, block, 1), 0 on padding
-        X = torch.index_select(x, 0, src, out=_scratch("rows", (P, D), x)).view(T, -1, D)
+        X = torch.index_select(x, 0, src).view(T, -1, D)
         Z = torch.bmm(X, _tile_weights(down, tile_expert).transpose(1, 2))  # (tiles, block, r)
         A = torch.bmm(F.gelu(Z) * sw_row, _tile_weights(up, tile_expert).transpose(1, 2), out=X)  # X used up
-        out = _sum_slots(A.view(P, D), row_of)
+        out = _sum_slots(A.view(-1, D), row_of)
         if residual:
             out += x
         ctx.save_for_backward(x, Z, sw_row, down, up, src, row_of, tile_expert)
@@ -229,16 +205,15 @@ class _GroupedAdapters(torch.autograd.Function):
         N, k = row_of.shape
         T, block, r = Z.shape
         E, _, D = down.shape
-        rows = _scratch("rows", (T * block, D), x)  # the same buffer forward used
-        G = torch.index_select(g.contiguous(), 0, src, out=rows).view(T, block, D)  # each row's output grad
+        G = torch.index_select(g.contiguous(), 0, src).view(T, block, D)  # each row's output grad
         UtG = torch.bmm(G, _tile_weights(up, tile_expert))  # (tiles, block, r) = U_e^T g
         H = F.gelu(Z)
         d_sw = (UtG * H).sum(-1).view(-1)[row_of.view(-1)].view(N, k)
-        d_up = _sum_tiles(torch.bmm(G.transpose(1, 2), H * sw_row, out=_scratch("tiles", (T, D, r), x)), tile_expert, E)
+        d_up = _sum_tiles(torch.bmm(G.transpose(1, 2), H * sw_row), tile_expert, E)
         # exact GELU: d/dz z*Phi(z) = Phi(z) + z*phi(z)
         dZ = UtG * sw_row * (0.5 * (1 + torch.erf(Z * 0.5**0.5)) + Z * torch.exp(-0.5 * Z * Z) * (2 * math.pi) ** -0.5)
-        X = torch.index_select(x, 0, src, out=rows).view(T, block, D)  # G is used up
-        d_down = _sum_tiles(torch.bmm(dZ.transpose(1, 2), X, out=_scratch("tiles", (T, r, D), x)), tile_expert, E)
+        X = torch.index_select(x, 0, src, out=G.view(T * block, D)).view(T, block, D)  # G is used up
+        d_down = _sum_tiles(torch.bmm(dZ.transpose(1, 2), X), tile_expert, E)
         dX = torch.bmm(dZ, _tile_weights(down, tile_expert), out=X)  # X is used up
         dx = _sum_slots(dX.view(T * block, D), row_of)
         if ctx.residual:
@@ -247,11 +222,10 @@ class _GroupedAdapters(torch.autograd.Function):
 
 
 def _tile_weights(w, tile_expert):
-    """Each tile's expert weights, w[tile_expert]: (E, a, b) -> (tiles, a, b), into the "tiles"
-    scratch. A 2-D index_select is the fast gather on the CPU (3-D index_select is 20x slower)."""
+    """Each tile's expert weights, w[tile_expert]: (E, a, b) -> (tiles, a, b). A 2-D index_select
+    is the fast gather on the CPU (3-D index_select is 20x slower)."""
     E, a, b = w.shape
-    out = _scratch("tiles", (tile_expert.numel(), a * b), w)
-    return torch.index_select(w.reshape(E, a * b), 0, tile_expert, out=out).view(-1, a, b)
+    return torch.index_select(w.reshape(E, a * b), 0, tile_expert).view(-1, a, b)
 
 
 def _sum_tiles(per_tile, tile_expert, E):
@@ -266,38 +240,47 @@ def _sum_slots(rows, row_of):
     return F.embedding_bag(row_of, rows, mode="sum")
 
 
-_SCRATCH = threading.local()
+def adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
+    """The adapters as two grouped GEMMs (torch's grouped_mm) over the expert-sorted pairs: on
+    sm90+ in bf16 one fused kernel each (see grouped_mm_fused; elsewhere grouped_mm loops over
+    the groups, and its meta kernel, which torch.compile traces with, takes bf16 only).
+
+    The group ends come from the sorted expert ids by searchsorted, on the device: no host sync
+    and no loop over experts; an empty expert is an empty group. The last group ends at N*k,
+    the number of rows, so no output row is left unwritten (grouped_mm leaves rows past the
+    last offset as they were: uninitialised memory). grouped_mm's own autograd does backward."""
+    N, k = experts.shape
+    E = down.shape[0]
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    group_end = torch.searchsorted(flat[order], torch.arange(E, device=y.device), right=True).int()  # (E,)
+    yd = F.dropout(y, dropout_p, training) if dropout_p > 0 else y
+    sw = (scaling * weights).to(y.dtype).reshape(-1)[order]  # (N*k,) routing weight of each row
+    x = yd[order // k]  # (N*k, D) each row's token
+    h = F.gelu(F.grouped_mm(x, down.transpose(1, 2), offs=group_end)) * sw[:, None]  # (N*k, r)
+    a = F.grouped_mm(h, up.transpose(1, 2), offs=group_end)  # (N*k, D)
+    row_of = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=y.device)).view(N, k)
+    return y + _sum_slots(a, row_of)
 
 
-def _scratch(name, shape, like):
-    """A reusable buffer for tensors that live only inside one call. On the CPU, glibc hands every
-    allocation over 32 MB out as fresh mmap pages, paid again in page faults on each call (a 37 MB
-    `torch.empty` + `fill_` takes ~18 ms on the bench machine, the time of a grouped matmul), so
-    the buffers are kept per thread and grown as needed. Other devices have caching allocators,
-    and under torch.compile the compiler plans the memory (and must not see hidden state)."""
-    if like.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    n = math.prod(shape)
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-        with torch.inference_mode(False):  # an inference tensor could not be written outside one
-            buf = torch.empty(n, dtype=like.dtype)
-        setattr(_SCRATCH, name, buf)
-    return buf[:n].view(shape)
+def grouped_mm_fused(y, down) -> bool:
+    """Whether adapter_experts_grouped is fast here: CUDA bf16 on sm90+ with 16-byte aligned rows,
+    where grouped_mm is one fused kernel."""
+    E, r, D = down.shape
+    return (y.is_cuda and y.dtype == torch.bfloat16 and down.dtype == y.dtype
+            and torch.cuda.get_device_properties(y.device).major >= 9 and D % 8 == 0 and r % 8 == 0)
 
 
 def adapter_experts(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
     """y + sum_j w_j * s * U_e(GELU(D_e(dropout(y)))): grouped GEMMs on sm90+ in bf16, the Triton
-    kernel on other GPUs, else plain torch (sorted, or gathered per pair below 2E pairs)."""
-    # trainers keep fp32 master weights under bf16 autocast; both paths compute in y's dtype, and
-    # casting here (outside their hand-written backward passes) hands the gradients back in fp32
+    kernel on other GPUs (and wherever PESC_KERNELS=triton), else the sorted path in PyTorch."""
+    # trainers keep fp32 master weights under bf16 autocast; every path computes in y's dtype, and
+    # casting here (outside the hand-written backward passes) hands the gradients back in fp32
     down, up = down.to(y.dtype), up.to(y.dtype)
-    if grouped_mm_usable(y, down):
+    if kernels.mode() != "triton" and grouped_mm_fused(y, down):
         return adapter_experts_grouped(y, weights, experts, down, up, scaling, dropout_p, training)
     if kernels.use_triton(y):
         return kernels.adapter_experts(y, weights, experts, down, up, scaling, dropout_p, training)
-    if experts.numel() < 2 * down.shape[0]:  # the sorted path would use 1-row tiles: gather instead
-        return adapter_experts_gathered(y, weights, experts, down, up, scaling, dropout_p, training)
     return adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p, training)
 
 
@@ -333,11 +316,6 @@ class PESCFeedForward(nn.Module):
                               config.adapter_scaling, config.adapter_dropout, self.training)
         terms = router_losses(logits, experts, None if valid is None else valid.reshape(-1))
         return out.view(B, T, D), terms
-
-    def active_adapter_params(self, top_k: int) -> float:
-        """Adapter weights one token uses (top_k of E experts) plus the router, for FLOP counts."""
-        E = self.adapter_down.shape[0]
-        return (self.adapter_down.numel() + self.adapter_up.numel()) * top_k / E + self.router.weight.numel()
 
 
 # -----------------------------------------------------------------------------
@@ -476,14 +454,17 @@ class _LoRALinear(torch.autograd.Function):
         return dx, dxd, d_w, d_bias, d_a, d_b, None
 
 
-def add_lora(model, targets, rank: int, alpha: float, dropout: float):
-    """Wrap the named linears (paper names: q, k, v, o, gate, up, down) of every layer in LoRA;
-    a base linear may be full precision (nn.Linear) or NF4 (quant.NF4Linear)."""
-    names = {LORA_TARGETS[t] for t in targets}
+def add_lora(model, config: LoRAConfig):
+    """Wrap the target linears of every layer in LoRA, in place, and record config in
+    model.config.lora; a base linear may be full precision (nn.Linear) or NF4 (quant.NF4Linear)."""
+    if model.config.lora is not None:
+        raise ValueError("the model already has LoRA on its base linears")
+    names = {LINEARS[t][0] for t in config.targets}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if name in names and type(child) in (nn.Linear, quant.NF4Linear):
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                setattr(module, name, LoRALinear(child, config.rank, config.alpha, config.dropout))
+    model.config = replace(model.config, lora=config)
     return model
 
 
@@ -493,7 +474,7 @@ def merge_lora(model):
 
     An NF4 base becomes a full-precision nn.Linear (dequantized weight + update, in the LoRA's
     dtype): the sum is not on the NF4 grid. To merge into the original base instead, add the
-    update to the base's file tensors, as train.py's export does."""
+    update to the base's file tensors, as the training export does (checkpoint.export)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -509,32 +490,62 @@ def merge_lora(model):
                 plain = nn.Linear(child.in_features, child.out_features, bias=bias is not None, device="meta")
                 plain.weight, plain.bias = weight, bias
                 setattr(module, name, plain)
-    if getattr(model.config, "moe", None) is not None:
-        model.config = replace(model.config, moe=replace(model.config.moe, lora_rank=0))
+    model.config = replace(model.config, lora=None)
     return model
 
 
 # -----------------------------------------------------------------------------
-# Upcycling
+# Upcycling, and the model each training mode trains
 
 
 def upcycle(model, config: PESCConfig):
     """Turn a dense model into a PESC model, in place, and return it.
 
     Each FFN becomes a PESCFeedForward holding the same (now frozen) weights; the adapters'
-    up-projections start at zero, so the logits are exactly the dense model's. LoRA wraps the
-    base linears when config.lora_rank > 0. Afterwards set_trainable(model, "pesc") holds."""
+    up-projections start at zero, so the logits are exactly the dense model's. Afterwards
+    set_trainable(model, "pesc") holds."""
+    if model.config.moe is not None:
+        raise ValueError("model is already a PESC model")
     for layer in model.layers:
-        if isinstance(layer.feed_forward, PESCFeedForward):
-            raise ValueError("model is already a PESC model")
         layer.feed_forward = PESCFeedForward(layer.feed_forward, config)
-    if config.lora_rank > 0:
-        add_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
     model.config = replace(model.config, moe=config)
     return set_trainable(model, "pesc")
 
 
 TRAIN_MODES = ("pesc", "lora", "full")
+
+
+def make_trainable(model, mode: str, pesc: PESCConfig, lora: LoRAConfig | None):
+    """The model a training mode trains, built in place from the checkpoint's model; returns it.
+
+    pesc: a dense model is upcycled with `pesc`; a PESC model keeps its experts (the architecture
+      in its config wins) and takes pesc's training knobs (adapter dropout, loss weights). LoRA
+      per `lora` (None: none) wraps the base linears, unless the model holds unmerged LoRA,
+      which must then have lora's rank and keeps its own settings.
+    lora: the dense baseline, LoRA only. full: everything trains."""
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown training mode {mode!r}; known: {', '.join(TRAIN_MODES)}")
+    if mode == "pesc":
+        old = model.config.moe
+        if old is None:
+            upcycle(model, pesc)
+        else:
+            knobs = dict(adapter_dropout=pesc.adapter_dropout, aux_loss_coef=pesc.aux_loss_coef,
+                         z_loss_coef=pesc.z_loss_coef)
+            model.config = replace(model.config, moe=replace(old, **knobs))
+        held = model.config.lora
+        if held is not None and (lora is None or lora.rank != held.rank):
+            raise ValueError(f"the checkpoint holds unmerged LoRA of rank {held.rank}; "
+                             f"the LoRA asked for has rank {lora.rank if lora else 0}")
+        if held is None and lora is not None:
+            add_lora(model, lora)
+    elif mode == "lora":
+        if model.config.moe is not None:
+            raise ValueError("mode lora trains the dense baseline, but this is a PESC checkpoint")
+        if lora is None:
+            raise ValueError("mode lora needs LoRA (a rank of at least 1)")
+        add_lora(model, lora)
+    return set_trainable(model, mode)
 
 
 def set_trainable(model, mode: str):
@@ -544,9 +555,9 @@ def set_trainable(model, mode: str):
     full: everything. Everything else is frozen."""
     if mode not in TRAIN_MODES:
         raise ValueError(f"unknown training mode {mode!r}; known: {', '.join(TRAIN_MODES)}")
-    if mode == "pesc" and not pesc_layers(model):
+    if mode == "pesc" and model.config.moe is None:
         raise ValueError("mode pesc needs a PESC model (upcycle the dense one first)")
-    if mode == "lora" and not any(isinstance(m, LoRALinear) for m in model.modules()):
+    if mode == "lora" and model.config.lora is None:
         raise ValueError("mode lora needs LoRA on the base linears (add_lora first)")
     model.requires_grad_(mode == "full")
     for m in model.modules():
@@ -561,10 +572,17 @@ def set_trainable(model, mode: str):
     return model
 
 
+def cast_for_training(module, dtype):
+    """Frozen tensors in the compute dtype; trainable ones in fp32 (the optimizer's master copy,
+    autocast computes in dtype). An NF4 base's packed bytes are never converted
+    (quant.NF4Linear.flatten_)."""
+    nf4_bytes = {id(m.storage) for m in module.modules() if isinstance(m, quant.NF4Linear) and m.layout}
+    for p in module.parameters():
+        if id(p) not in nf4_bytes:
+            p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+
+
 def trainable_report(model) -> str:
     """'trainable 12,345 of 6,789,012 parameters (0.18%)'."""
-    params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in params)
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.NF4Linear))
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total, trainable = model.num_params(), model.num_params(trainable_only=True)
     return f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

@@ -5,22 +5,23 @@ Weights, gradients and AdamW states are counted from the tensors of the model tr
 (on the meta device, so a 70B plan takes seconds), sharded as FSDP2 shards them: each tensor
 split on its first dimension into world_size equal parts, the last padded. Activations are what
 autograd saves for the backward pass, counted by running the model's forward on meta tensors
-(PyTorch paths, no Triton kernels): the tensors saved inside each block, outside the blocks, and
-for the LM head and loss. With activation checkpointing a block keeps only its input until the
+(PyTorch paths, no Triton kernels; the adapters' sorted path runs on meta tensors too): the
+tensors saved inside each block, outside the blocks, and for the LM head and loss. With activation checkpointing a block keeps only its input until the
 backward pass recomputes it, one block at a time. Checked against a CPU forward's saved tensors
 (tests/test_plan.py): +5% on a tiny PESC model with packed rows, an overestimate because the meta
 trace takes SDPA's math path (the attention weights saved) where CPU and GPU take fused kernels.
 On a GPU the Triton kernels save less than the PyTorch paths counted here (unmeasured: no GPU).
 """
 
+import json
 import math
+import os
 
 import torch
-import torch.nn.functional as F
 
 import moe
 import quant
-from model import QUANTIZED_KEY
+from model import PRESETS, QUANTIZED_KEY, ModelConfig, Transformer
 
 GIB = 2**30
 
@@ -89,25 +90,10 @@ def saved_activations(model, batch, seq_len, packed=True):
             sums["blocks"][where[0]] += nbytes
         return t
 
-    def adapters(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False, block=128):
-        # moe.adapter_experts_sorted counts its rows per expert (bincount: no meta kernel); what
-        # its backward keeps is known from its shapes: the dropped-out input, the (rows, r) GELU
-        # input, each row's routing weight and token, each pair's row, each tile's expert
-        NK, E, r = experts.numel(), down.shape[0], down.shape[1]
-        if dropout_p > 0 and training:
-            y = y + 0 * F.dropout(y, dropout_p)  # its mask and output are saved, as in the real path
-        block = min(block, 1 << max(0, (NK // E).bit_length() - 1))
-        tiles = -(-NK // block) + E
-        P = tiles * block
-        b = y.element_size()
-        sums["blocks"][where[0]] += P * r * b + P * b + P * 8 + NK * 8 + tiles * 8
-        return y.clone()
-
     hooks = []
     for i, block in enumerate(model.layers):
         hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)))
         hooks.append(block.register_forward_hook(lambda m, a, o: where.__setitem__(0, None)))
-    real_adapters, moe.adapter_experts = moe.adapter_experts, adapters
     try:
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             idx = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -117,7 +103,6 @@ def saved_activations(model, batch, seq_len, packed=True):
                 kw["positions"] = torch.zeros(batch, seq_len, dtype=torch.long)
             model(idx, idx, **kw)
     finally:
-        moe.adapter_experts = real_adapters
         for h in hooks:
             h.remove()
     return sums
@@ -136,9 +121,7 @@ def activation_bytes(model, batch, seq_len, packed=True):
 def memory_plan(model, *, world, fsdp, batch, seq_len, grad_accum_steps, grad_checkpointing, compute_dtype,
                 gpu_mem_gb=None, packed=True, quantize=None):
     """Every term per GPU in bytes, the parameter counts, and the largest micro-batch that fits."""
-    params = unique_params(model)
-    plan = {"parameters": {"total": sum(p.numel() for p in params),
-                           "trainable": sum(p.numel() for p in params if p.requires_grad)},
+    plan = {"parameters": {"total": model.num_params(), "trainable": model.num_params(trainable_only=True)},
             "world_size": world, "fsdp": fsdp, "batch_size": batch, "seq_len": seq_len,
             "grad_checkpointing": grad_checkpointing, "quantize": quantize}
     terms = state_bytes(model, world, fsdp, compute_dtype, grad_accum_steps, quantize)
@@ -175,3 +158,30 @@ def format_plan(plan) -> str:
                      f"(no CUDA context or allocator slack counted)")
     return "\n".join(lines)
 
+
+
+def print_plan(args, pesc, lora):
+    """train.py --plan: build the run's model on the meta device (no weights read) and print its
+    memory per GPU (args: train.py's options; pesc, lora: the configs they ask for)."""
+    if args.world_size < 1:
+        raise SystemExit(f"train.py --plan: --world_size must be at least 1, got {args.world_size}")
+    cfg_file = os.path.join(args.ckpt, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            config = ModelConfig.from_dict(json.load(f), cfg_file)
+    elif args.ckpt in PRESETS:
+        config = ModelConfig.from_preset(args.ckpt)
+    else:
+        raise SystemExit(f"train.py --plan: --ckpt {args.ckpt!r} is neither a checkpoint directory "
+                         f"(no config.json) nor a preset ({', '.join(PRESETS)})")
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16  # auto: a GPU's bf16
+    torch.manual_seed(args.seed)
+    with torch.device("meta"):
+        model = moe.make_trainable(Transformer(config), args.mode, pesc, lora)
+    moe.cast_for_training(model, dtype)
+    result = memory_plan(model, world=args.world_size, fsdp=args.fsdp, batch=args.batch_size, seq_len=args.seq_len,
+                         grad_accum_steps=args.grad_accum_steps, grad_checkpointing=args.grad_checkpointing,
+                         compute_dtype=dtype, gpu_mem_gb=args.gpu_mem_gb, packed=args.pack,
+                         quantize=args.quantize or None)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return result

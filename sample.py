@@ -18,11 +18,10 @@ import time
 
 import torch
 
+import cli
 import moe
-from model import FLAG, Transformer
+from model import Transformer
 from tokenizer import TEMPLATES, Tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -268,26 +267,25 @@ def reply(model, tokenizer, ids, args, sampling, experts_seen):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a project checkpoint (dense or PESC).")
+    p = argparse.ArgumentParser(description="Sample from a project checkpoint (dense or PESC).", allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="checkpoint directory: config.json, safetensors, tokenizer")
     p.add_argument("--prompt", default=None,
                    help="text, FILE:path, or - to read stdin (default: none, i.e. BOS alone; with --chat in a "
                         "terminal, ask)")
-    p.add_argument("--chat", default=False, **FLAG, help="wrap the prompt in the chat template; converse in a terminal")
+    p.add_argument("--chat", default=False, **cli.FLAG, help="wrap the prompt in the chat template; converse in a terminal")
     p.add_argument("--template", default=None, choices=TEMPLATES, help="chat template (default: the checkpoint's)")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 = off")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens; 0 = off")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling, e.g. 0.95 (default off)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on a GPU that has it, else fp32")
+    cli.add_device_dtype(p)
     p.add_argument("--quantize", default=None, choices=["nf4"],
                    help="nf4: hold the base linears in 4-bit NF4 (quant.py), quantized while loading")
-    p.add_argument("--compile", default=False, **FLAG, help="compile the one-token decode step (CUDA graphs on GPU) over a static KV cache")
-    p.add_argument("--show_experts", default=False, **FLAG, help="PESC: print the experts each generated token used")
+    p.add_argument("--compile", default=False, **cli.FLAG, help="compile the one-token decode step (CUDA graphs on GPU) over a static KV cache")
+    p.add_argument("--show_experts", default=False, **cli.FLAG, help="PESC: print the experts each generated token used")
     args = p.parse_args(argv)
     if args.system is not None and not args.chat:
         p.error("--system needs --chat")
@@ -295,15 +293,10 @@ def main(argv=None):
         p.error("--num_samples and --max_new_tokens must be >= 1")
     args.top_k = args.top_k or None
 
-    device = torch.device(args.device)
+    device = cli.resolve_device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Triton kernels launch on the current device
-    if args.dtype is not None:
-        dtype = DTYPES[args.dtype]
-    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
+    dtype = cli.resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
     model = Transformer.from_pretrained(args.ckpt, device=device, dtype=dtype, quantize=args.quantize).eval()
     tokenizer = Tokenizer(args.ckpt, template=args.template)

@@ -75,7 +75,8 @@ def write_tokenizer_config(out_dir, src_dir=None, chat_template=None, keep_src_t
     It starts from src_dir's tokenizer_config.json when there is one (its added tokens and other
     keys stay). chat_template: a name from TEMPLATES, which replaces src's unless
     keep_src_template and src has one; None removes the key (an HF export: HF wants Jinja there).
-    Returns the file's path, or None when there is nothing to write."""
+    Returns the file's path, or None when there is nothing to write. Written in place: callers
+    write checkpoints into a temporary directory that is renamed once complete (files.py)."""
     config = {}
     src_file = os.path.join(src_dir, "tokenizer_config.json") if src_dir else None
     if src_file and os.path.isfile(src_file):
@@ -89,9 +90,8 @@ def write_tokenizer_config(out_dir, src_dir=None, chat_template=None, keep_src_t
     if not config:
         return None
     path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path + ".tmp", "w") as f:
+    with open(path, "w") as f:
         json.dump(config, f, indent=2)
-    os.replace(path + ".tmp", path)
     return path
 
 

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-import sentencepiece
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -28,7 +27,7 @@ import transformers  # test-only reference (requirements-dev.txt)
 
 from convert import ConvertError, convert_checkpoint, export_hf, hf_model_config
 from model import ModelConfig, Transformer, rope_inv_freq
-from moe import PESCConfig, merge_lora, upcycle
+from moe import LoRAConfig, PESCConfig, add_lora, merge_lora, upcycle
 from tokenizer import Tokenizer, byte_to_unicode, write_byte_tokenizer
 from tolerance import assert_close, tolerance
 
@@ -142,6 +141,8 @@ def assert_nothing_left(parent, expected):
 
 
 def write_sentencepiece(path):
+    import sentencepiece  # here: the GPU machine runs this file's device test without it
+
     """A tiny SentencePiece model (Llama 2 / Mistral / Yi tokenizers are SentencePiece)."""
     text = ["the quick brown fox jumps over the lazy dog", "a llama, a camel and a mixture of experts"] * 20
     buf = io.BytesIO()
@@ -224,7 +225,7 @@ def test_hf_dense_import_export(case, tmp_path):
     hf = write_hf_dense(case, src)
     original = read_hf_files(src)
     if case == DENSE[0]:  # the real CLI, once for this layout family
-        r = run_cli("--src", src, "--out", out)
+        r = run_cli("--ckpt", src, "--out_dir", out)
         assert r.returncode == 0, r.stderr
         assert "[1/" in r.stdout  # progress per input shard
     else:
@@ -246,7 +247,7 @@ def test_hf_dense_import_export(case, tmp_path):
 
     # export: the same tensors bit for bit, and transformers loads it with no custom code
     if case == DENSE[0]:
-        r = run_cli("--src", out, "--out", back, "--to", "hf")
+        r = run_cli("--ckpt", out, "--out_dir", back, "--to", "hf")
         assert r.returncode == 0, r.stderr
     else:
         export_hf(out, back, max_shard_bytes=100_000)  # sharded, with an index
@@ -350,7 +351,7 @@ def test_meta_import(case, tmp_path):
     write_meta(src, hf, spec["params"], n_shards=2, embedding_split_dim=spec["split"])
     if case == "llama2":
         write_sentencepiece(os.path.join(src, "tokenizer.model"))
-        r = run_cli("--src", src, "--out", out)
+        r = run_cli("--ckpt", src, "--out_dir", out)
         assert r.returncode == 0, r.stderr
         assert "[1/2] consolidated.00.pth" in r.stdout and "[2/2] consolidated.01.pth" in r.stdout
     else:
@@ -496,7 +497,7 @@ def test_pesc_import_export(case, tmp_path):
     src, out, back = tmp_path / "src", tmp_path / "out", tmp_path / "back"
     hf, original = write_pesc(case, src)
     if case == "camelidae":
-        r = run_cli("--src", src, "--out", out)
+        r = run_cli("--ckpt", src, "--out_dir", out)
         assert r.returncode == 0, r.stderr
         assert "10000" in r.stdout and "rope_theta" in r.stdout  # the quirk is announced
     else:
@@ -541,7 +542,7 @@ def test_export_merges_lora(tmp_path):
     """A PESC checkpoint with LoRA exports merged; the PESC reference on the exported files gives its logits."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
-    upcycle(model, PESCConfig(num_experts=E, top_k=TOP_K, adapter_dim=R, lora_rank=4))
+    add_lora(upcycle(model, PESCConfig(num_experts=E, top_k=TOP_K, adapter_dim=R)), LoRAConfig(rank=4))
     with torch.no_grad():  # trained-looking: adapters and LoRA away from their zero init
         for name, p in model.named_parameters():
             if "adapter_up" in name or "lora_b" in name:
@@ -677,7 +678,7 @@ def test_cli_errors(good, tmp_path):
     # an expected error is one line on stderr, exit status 1, no traceback, nothing written
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("not a checkpoint")
-    r = run_cli("--src", tmp_path / "junk", "--out", tmp_path / "out")
+    r = run_cli("--ckpt", tmp_path / "junk", "--out_dir", tmp_path / "out")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "unknown checkpoint layout" in r.stderr
     assert "Traceback" not in r.stderr
     assert_nothing_left(tmp_path, ["junk"])
@@ -733,3 +734,73 @@ def test_pesc_family_from_keys(model_type, expert, family):
     assert config.moe.adapter_dropout == (0.0 if family == "sparsetral" else 0.1)
     assert config.qkv_bias == (family == "qwen2idae")
     assert config.rope_theta == 10000.0
+
+
+# -----------------------------------------------------------------------------
+# A converted checkpoint in bf16 on the test device (PESC_TEST_DEVICE=cuda on a GPU: bench.py --gpu)
+
+
+def converted_in_bf16(tmp_path):
+    """A tiny PESC model whose adapters move the logits by more than bf16's rounding, exported
+    Camelidae-style and imported back in bf16 by the real converter: (model, converted, its config)."""
+    torch.manual_seed(0)
+    # top_k = num_experts: no expert choice to flip when bf16 rounding meets a near tie between
+    # the k-th expert and the next (one token's logits would then move by an adapter's worth)
+    cfg = ModelConfig.from_preset("tiny", moe=PESCConfig(num_experts=4, top_k=4, adapter_dim=16, adapter_dropout=0.0))
+    net = Transformer(cfg).eval().requires_grad_(False).cpu()
+    net.tok_embeddings.weight.normal_(0, 0.1)  # small beside the blocks' outputs and the adapters
+    for ff in net.layers:
+        ff.feed_forward.adapter_down.mul_(3)
+        ff.feed_forward.adapter_up.normal_(0, cfg.moe.adapter_dim ** -0.5)  # about unit gain
+    net.save_pretrained(tmp_path / "project")
+    export_hf(tmp_path / "project", tmp_path / "hf")
+    config = convert_checkpoint(tmp_path / "hf", tmp_path / "back", dtype="bf16")
+    return net, Transformer.from_pretrained(tmp_path / "back"), config
+
+
+def test_converted_pesc_in_bf16_on_the_device(tmp_path, monkeypatch):
+    import convert
+
+    net, back, config = converted_in_bf16(tmp_path)
+    assert config == net.config
+    expected_state = {k: t.to(torch.bfloat16) for k, t in net.state_dict().items()}
+    got_state = back.state_dict()
+    assert got_state.keys() == expected_state.keys()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected_state[k]) for k, t in got_state.items())
+    idx = torch.randint(0, config.vocab_size, (2, 64), device="cpu")
+    device = torch.empty(0).device  # the tests' default device (conftest: PESC_TEST_DEVICE)
+    with torch.no_grad():
+        expected = net(idx)[0]
+        try:
+            got = back.to(device)(idx.to(device))[0].float().cpu()
+        except RuntimeError as e:  # oneDNN's bf16 matmuls on some CPUs without AVX-512
+            if device.type == "cpu" and "avx512" in str(e).lower():
+                pytest.skip(f"this CPU has no bf16 matmul: {e}")
+            raise
+        no_adapters = Transformer.from_pretrained(tmp_path / "project").eval()
+        for layer in no_adapters.layers:
+            layer.feed_forward.adapter_up.zero_()
+        adapter_effect = (no_adapters(idx)[0] - expected).abs().max()
+    # bf16 weights and activations, sums in fp32: a few bf16 roundings per element in every
+    # layer, the layers adding their errors (tolerance.py's rule: 8 ulps, reduction n_layers)
+    bound = tolerance(expected, torch.bfloat16, reduction=config.n_layers, ulps=8)
+    assert adapter_effect > bound  # a converter that lost or mixed up the adapters would show
+    assert_close(got, expected, dtype=torch.bfloat16, reduction=config.n_layers, ulps=8, name="bf16 logits")
+
+    # and a converter bug does show, in the tensors and in the logits: experts 0 and 1 of layer 1
+    # trade places in the export
+    err = (got - expected).abs().max()
+    hf_tensors = convert.hf_tensors
+
+    def swapped_experts(model, dtype):
+        for key, t in hf_tensors(model, dtype):
+            if ".layers.1." in key and ".expert_0." in key:
+                key = key.replace(".expert_0.", ".expert_1.")
+            elif ".layers.1." in key and ".expert_1." in key:
+                key = key.replace(".expert_1.", ".expert_0.")
+            yield key, t
+    monkeypatch.setattr(convert, "hf_tensors", swapped_experts)
+    _, bad, _ = converted_in_bf16(tmp_path / "bad")
+    assert not all(torch.equal(t, expected_state[k]) for k, t in bad.state_dict().items())
+    with torch.no_grad():
+        assert (bad.to(device)(idx.to(device))[0].float().cpu() - expected).abs().max() > 2 * err

@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 
 import pytest
 import sentencepiece
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
+from files import checkpoint_fingerprint
 from model import ModelConfig, Transformer
 from moe import PESCConfig, pesc_layers, route, upcycle
 from sample import generate
@@ -404,9 +404,13 @@ def test_routing_share_counts_the_tokens_the_model_saw(byte_tok):
     assert torch.equal(counts, expected)
     share = ev.routing_share(counts)
     assert all(abs(sum(row) - 1) < 1e-12 for row in share)
-    svg = ev.routing_svg(share, "mc: <tiny>")
-    root = ET.fromstring(svg)  # well-formed XML
-    assert len(root.findall("{http://www.w3.org/2000/svg}rect")) == len(layers) * 4
+
+
+def test_routing_heatmap_is_a_png(tmp_path):
+    share = [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]
+    assert ev.plot_routing({"mc: <tiny>": share, "ppl": share[::-1]}, str(tmp_path / "r.png"), "a title")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["r.png"]  # nothing left under a temporary name
 
 
 # -----------------------------------------------------------------------------
@@ -423,7 +427,7 @@ def write_tasks(folder):
 
 def cli_args(ckpt, tasks, out, samples):
     args = ["--ckpt", str(ckpt), "--shots", "2", "--max_new_tokens", "6", "--limit", "2", "--batch_size", "3",
-            "--out", str(out), "--log_samples", str(samples), "--quiet"]
+            "--results", str(out), "--log_samples", str(samples), "--quiet"]
     for t in tasks:
         args += ["--task", t]
     return args
@@ -434,7 +438,7 @@ def test_cli_writes_results_samples_and_heatmaps(tmp_path, ckpts, capsys):
     ev.main(cli_args(ckpts / "pesc", tasks, tmp_path / "out" / "r.json", tmp_path / "s.jsonl"))
     assert "| mmlu | 2 | acc |" in capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "r.json").read_text())
-    assert result["checkpoint"]["fingerprint"] == ev.fingerprint(str(ckpts / "pesc"))
+    assert result["checkpoint"]["fingerprint"] == checkpoint_fingerprint(str(ckpts / "pesc"))
     assert result["options"]["shots"] == 2 and result["options"]["limit"] == 2
     got = {(r["task"], r["metric"]): r for r in result["results"]}
     assert set(got) == {("mmlu", "acc"), ("mmlu", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
@@ -443,9 +447,7 @@ def test_cli_writes_results_samples_and_heatmaps(tmp_path, ckpts, capsys):
                         ("ppl:text", "bits_per_byte")}
     assert got["mmlu", "acc"]["n"] == 4 and got["gsm8k", "exact_match,strict-match"]["n"] == 2  # --limit 2
     assert all(set(r) == {"task", "shots", "metric", "value", "stderr", "n"} for r in result["results"])
-    for name in ("mmlu", "gsm8k", "mc_arc", "ppl_text"):
-        svg = tmp_path / "out" / f"r.{name}.routing.svg"
-        ET.fromstring(svg.read_text())
+    assert (tmp_path / "out" / "r.routing.png").read_bytes()[:4] == b"\x89PNG"  # one panel per task
     assert len(result["routing"]["mmlu"]["share"]) == TINY.n_layers
     lines = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(lines) == 4 + 2 + 2 + 2
@@ -556,22 +558,47 @@ def test_adapter_matches_the_harness_hf_backend(tmp_path, ckpts, monkeypatch):
     # the command line: the harness's own task definitions through the adapter
     out, samples = tmp_path / "h.json", tmp_path / "h.jsonl"
     ev.main(["--ckpt", str(ckpts / "dense"), "--harness", "tiny_mc", "--include_path", str(tmp_path / "tasks"),
-             "--shots", "1", "--batch_size", "4", "--device", "cpu", "--out", str(out), "--log_samples", str(samples)])
+             "--shots", "1", "--batch_size", "4", "--device", "cpu", "--results", str(out), "--log_samples", str(samples)])
     written = json.loads(out.read_text())
     assert written["results"]["tiny_mc"]["acc,none"] == results["pesc"]["results"]["tiny_mc"]["acc,none"]
-    assert written["checkpoint"]["fingerprint"] == ev.fingerprint(str(ckpts / "dense"))
+    assert written["checkpoint"]["fingerprint"] == checkpoint_fingerprint(str(ckpts / "dense"))
     assert [json.loads(l)["task"] for l in samples.read_text().splitlines()] == ["tiny_mc"] * 3
 
 
-def test_eval_runs_without_lm_eval_and_says_how_to_install_it(monkeypatch, tmp_path, ckpts):
-    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it now fails
-    monkeypatch.setattr(ev, "_HARNESS_LM", None)
-    with pytest.raises(ImportError, match="pip install lm-eval"):
-        ev.PESCLM
-    with pytest.raises(SystemExit, match="pip install lm-eval"):
-        ev.main(["--ckpt", str(ckpts / "pesc"), "--harness", "mmlu"])
-    task = f"mc={write_jsonl(tmp_path / 'arc.jsonl', arc_rows(2))}"  # local tasks still run
-    ev.main(["--ckpt", str(ckpts / "pesc"), "--task", task, "--quiet", "--out", str(tmp_path / "r.json")])
+def test_eval_runs_without_lm_eval_and_says_how_to_install_it(tmp_path, ckpts):
+    # a fresh interpreter where lm-eval cannot be imported: eval.py imports, says how to get the
+    # harness, and runs local tasks
+    task = f"mc={write_jsonl(tmp_path / 'arc.jsonl', arc_rows(2))}"
+    code = ("import sys; sys.modules['lm_eval'] = None\n"  # an import of it now fails
+            "import pytest, eval as ev\n"
+            f"with pytest.raises(ImportError, match='pip install lm-eval'):\n    ev.PESCLM(ckpt={str(ckpts / 'pesc')!r})\n"
+            f"with pytest.raises(SystemExit, match='pip install lm-eval'):\n"
+            f"    ev.main(['--ckpt', {str(ckpts / 'pesc')!r}, '--harness', 'mmlu'])\n"
+            f"ev.main(['--ckpt', {str(ckpts / 'pesc')!r}, '--task', {task!r}, '--quiet', '--results', "
+            f"{str(tmp_path / 'r.json')!r}])\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["n"] == 2
+
+
+def test_importing_eval_registers_the_adapter_by_name(tmp_path, ckpts):
+    # the harness's usual entry point, in a fresh interpreter: import eval, then name the model
+    pytest.importorskip("lm_eval")  # CI installs it (requirements-dev.txt)
+    rows = [{"question": q, "choices": ["a llama", "a camel"], "answer": i % 2} for i, q in enumerate("ab")]
+    write_jsonl(tmp_path / "mc.jsonl", rows)
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+        "metric_list:\n  - metric: acc\n")
+    code = ("import json, eval, lm_eval\nfrom lm_eval.tasks import TaskManager\n"
+            f"kw = dict(tasks=['tiny_mc'], log_samples=True, task_manager=TaskManager(include_path={str(tmp_path)!r}))\n"
+            f"by_name = lm_eval.simple_evaluate(model='pesc', model_args='ckpt={ckpts / 'pesc'},batch_size=2,device=cpu', "
+            "**kw)\n"
+            f"instance = lm_eval.simple_evaluate(model=eval.PESCLM(ckpt={str(ckpts / 'pesc')!r}, device='cpu'), **kw)\n"
+            "print(json.dumps([[s['resps'] for s in r['samples']['tiny_mc']] for r in (by_name, instance)]))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    by_name, instance = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(by_name) == 2 and by_name == instance  # the adapter, by name: the same log-likelihoods

@@ -12,7 +12,7 @@ import model
 import moe
 from convert import hf_config_to_model_config, hf_key_to_project
 from model import ModelConfig, Transformer, attention_mask, cross_entropy
-from moe import LORA_TARGETS, PESCConfig, add_lora, upcycle
+from moe import LoRAConfig, PESCConfig, add_lora, upcycle
 from tolerance import assert_close, tolerance
 
 TINY_HF = dict(vocab_size=97, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
@@ -283,11 +283,13 @@ def test_flops_per_token_counts_the_matmuls_autograd_runs(mode, monkeypatch):
     torch.manual_seed(0)
     net = Transformer(cfg)
     if mode.startswith("pesc"):
-        upcycle(net, PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0,
-                                lora_rank=4 if mode == "pesc+lora" else 0, lora_dropout=0.0))
+        upcycle(net, PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0))
+        if mode == "pesc+lora":
+            add_lora(net, LoRAConfig(rank=4, dropout=0.0))
     elif mode.startswith("lora"):
         net.requires_grad_(False)
-        add_lora(net, LORA_TARGETS if mode == "lora" else ("q", "v"), 4, 8.0, 0.0)
+        add_lora(net, LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=LoRAConfig.targets if mode == "lora"
+                                 else ("q", "v")))
     monkeypatch.setattr(moe, "adapter_experts", moe.adapter_experts_loop)  # no padded tiles to count
     B, T = 2, 32
     idx = torch.randint(0, cfg.vocab_size, (B, T))
@@ -309,8 +311,8 @@ def test_flops_per_token_counts_the_matmuls_autograd_runs(mode, monkeypatch):
 def test_peak_flops_table():
     assert model.peak_flops("cpu") is None
     for gpu, table in model.PEAK_FLOPS.items():
-        assert set(table) == {"bf16", "fp16", "tf32", "fp32"}, gpu
-        assert table["bf16"] == table["fp16"] > table["tf32"] > table["fp32"], gpu
+        assert set(table) == {torch.bfloat16, torch.float16, "tf32", torch.float32}, gpu
+        assert table[torch.bfloat16] == table[torch.float16] > table["tf32"] > table[torch.float32], gpu
 
 
 def test_whole_model_kernels_match_torch_path(monkeypatch):
@@ -321,9 +323,8 @@ def test_whole_model_kernels_match_torch_path(monkeypatch):
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", n_layers=1, qkv_bias=True)
-    model = moe.upcycle(Transformer(cfg), moe.PESCConfig(num_experts=4, top_k=2, adapter_dim=8,
-                                                         adapter_dropout=0.0, lora_rank=2,
-                                                         lora_dropout=0.0))
+    model = moe.upcycle(Transformer(cfg), moe.PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0))
+    moe.add_lora(model, moe.LoRAConfig(rank=2, dropout=0.0))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

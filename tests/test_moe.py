@@ -1,4 +1,5 @@
-"""moe.py: fast dispatch vs the reference loop, load balancing, upcycling, LoRA."""
+"""moe.py: the fast sorted path vs the reference loop, load balancing, upcycling, LoRA, the model
+each training mode trains."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 import moe
 from model import ModelConfig, Transformer
-from moe import PESCConfig, adapter_experts_loop, adapter_experts_sorted, route, router_losses, upcycle
+from moe import LoRAConfig, PESCConfig, adapter_experts_loop, adapter_experts_sorted, route, router_losses, upcycle
 from tolerance import assert_close, tolerance
 
 
@@ -85,14 +86,14 @@ def test_single_token():
 
 
 @pytest.mark.parametrize("N,k", [(1, 1), (1, 2), (3, 2), (2, 4)])
-def test_gathered_path_matches_loop(N, k):
-    # the decoding path (fewer than 2E pairs), directly and through the dispatcher
+def test_few_pairs_as_when_decoding_match_loop(N, k):
+    # fewer than 2E pairs: 1-row tiles, no more tiles than pairs; directly and through the dispatcher
     case = make_case(N, 16, 8, 4, k, seed=20 + N * k)
     ref = run(adapter_experts_loop, *case, k)
-    assert_same(run(moe.adapter_experts_gathered, *case, k), ref)
+    assert_same(run(adapter_experts_sorted, *case, k), ref)
     assert_same(run(moe.adapter_experts, *case, k), ref)
     torch.manual_seed(5)
-    dropped = run(moe.adapter_experts_gathered, *case, k, dropout_p=0.5, training=True)
+    dropped = run(adapter_experts_sorted, *case, k, dropout_p=0.5, training=True)
     torch.manual_seed(5)
     assert_same(dropped, run(adapter_experts_loop, *case, k, dropout_p=0.5, training=True))
 
@@ -110,9 +111,8 @@ def test_dropout_uses_the_same_mask_in_both_paths():
 
 
 def test_interleaved_calls_do_not_share_state():
-    # the fast path keeps scratch buffers between calls (moe._scratch): two calls of different
-    # sizes, both forwards before either backward, backwards in the other order, as two layers
-    # of a model do, must each equal the reference loop
+    # two calls of different sizes, both forwards before either backward, backwards in the other
+    # order, as two layers of a model do, must each equal the reference loop
     big, small = make_case(300, 32, 8, 8, 2, seed=8), make_case(45, 32, 4, 8, 2, seed=9)
 
     def start(fn, x, y, router, down, up, k):
@@ -127,17 +127,23 @@ def test_interleaved_calls_do_not_share_state():
 
 
 def test_training_after_inference_mode():
-    # a first call under torch.inference_mode must not leave scratch that training cannot write
-    moe._SCRATCH.__dict__.clear()  # start without buffers, so the first call allocates them
     x, y, router, down, up = case = make_case(300, 32, 8, 8, 2, seed=3)
     with torch.inference_mode():
         adapter_experts_sorted(y, *route(x @ router.T, 2), down, up, 0.5)
     assert_same(run(adapter_experts_sorted, *case, 2), run(adapter_experts_loop, *case, 2))
 
 
+def test_fast_path_on_the_meta_device():
+    # plan.py counts what autograd saves by running the model on meta tensors
+    with torch.device("meta"):
+        y, down, up = torch.zeros(64, 32, requires_grad=True), torch.zeros(4, 8, 32), torch.zeros(4, 32, 8)
+        out = adapter_experts_sorted(y, *route(torch.zeros(64, 4), 2), down, up, 0.5, 0.1, True)
+    assert out.shape == (64, 32) and out.is_meta
+
+
 def test_fast_path_under_torch_compile():
-    # train.py and sample.py offer --compile; the scratch buffers must stay out of the traced graph
-    # (aot_eager runs the same tracing and autograd as inductor, without a C++ compiler)
+    # train.py and sample.py offer --compile (aot_eager runs the same tracing and autograd as
+    # inductor, without a C++ compiler)
     case = make_case(37, 24, 4, 6, 2, seed=11)
     torch._dynamo.reset()
     compiled = torch.compile(adapter_experts_sorted, backend="aot_eager")
@@ -218,6 +224,12 @@ def tiny_pesc(seed=0, **kw):
     return dense, cfg
 
 
+def tiny_pesc_lora(targets=LoRAConfig.targets, dropout=0.1):
+    """A tiny PESC model with LoRA of rank 4 on the target linears."""
+    dense, cfg = tiny_pesc()
+    return moe.add_lora(upcycle(dense, cfg), LoRAConfig(rank=4, targets=targets, dropout=dropout))
+
+
 def test_model_loss_adds_weighted_aux_terms():
     dense, cfg = tiny_pesc(aux_loss_coef=0.5, z_loss_coef=0.1)
     model = upcycle(dense, cfg)
@@ -273,8 +285,8 @@ def test_trainable_set():
     assert trainable == expected
     assert moe.trainable_report(model).startswith("trainable ")
 
-    dense, cfg = tiny_pesc(lora_rank=4, lora_targets=("q", "v", "down"))
-    model = upcycle(dense, cfg)
+    model = tiny_pesc_lora(targets=("q", "v", "down"))
+    assert model.config.lora == LoRAConfig(rank=4, targets=("q", "v", "down"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = {f"layers.{i}.{m}.{w}" for i in range(2)
             for m in ("attention.wq", "attention.wv", "feed_forward.w2") for w in ("lora_a", "lora_b")}
@@ -282,8 +294,7 @@ def test_trainable_set():
 
 
 def test_set_trainable_per_mode():
-    dense, cfg = tiny_pesc(lora_rank=4, lora_targets=("q",))
-    model = upcycle(dense, cfg)
+    model = moe.set_trainable(tiny_pesc_lora(targets=("q",)), "pesc")
     names = {n for n, _ in model.named_parameters()}
     trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
     pesc = trainable()
@@ -299,7 +310,7 @@ def test_set_trainable_per_mode():
         moe.set_trainable(dense, "lora")
     with pytest.raises(ValueError, match="unknown training mode"):
         moe.set_trainable(dense, "adapters")
-    moe.set_trainable(moe.add_lora(dense, ("v",), 4, 16.0, 0.0), "lora")
+    moe.set_trainable(moe.add_lora(dense, LoRAConfig(rank=4, targets=("v",), dropout=0.0)), "lora")
     assert {n for n, p in dense.named_parameters() if p.requires_grad} == \
         {f"layers.{i}.attention.wv.lora_{w}" for i in range(2) for w in "ab"}
 
@@ -316,8 +327,7 @@ def test_upcycle_init():
 
 
 def test_lora_merge_preserves_logits():
-    dense, cfg = tiny_pesc(lora_rank=4, lora_dropout=0.0)
-    model = upcycle(dense, cfg).eval()
+    model = tiny_pesc_lora(dropout=0.0).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, moe.LoRALinear):
@@ -329,7 +339,7 @@ def test_lora_merge_preserves_logits():
         moe.merge_lora(model)
         after = model(idx)[0]
     assert not any(isinstance(m, moe.LoRALinear) for m in model.modules())
-    assert model.config.moe.lora_rank == 0
+    assert model.config.lora is None
     c = model.config  # a whole model: the longest dot (the FFN's) once per layer
     assert_close(after, before, reduction=c.ffn_dim * c.n_layers)
 

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_camelidae_8x7b_counts_from_a_preset():
-    # SPEC.md section 7: Llama-2-7B, 8 experts, top 2, adapter dim 512, LoRA 64 on all seven linears
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--plan", "--init_from", "llama2-7b",
+    # the paper's Camelidae-8x7B: Llama-2-7B, 8 experts, top 2, adapter dim 512, LoRA 64 on all seven linears
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--plan", "--ckpt", "llama2-7b",
                           "--world_size", "8", "--fsdp", "--gpu_mem_gb", "80", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,7 +34,7 @@ def test_camelidae_8x7b_counts_from_a_preset():
 
 @pytest.mark.parametrize("preset", ["llama2-13b", "yi-34b", "llama3-8b", "llama3-70b", "mistral-7b-v0.1"])
 def test_plan_builds_the_paper_bases_on_meta(preset, capsys):
-    result = train.main(["--plan", "--init_from", preset, "--world_size", "8", "--fsdp"])
+    result = train.main(["--plan", "--ckpt", preset, "--world_size", "8", "--fsdp"])
     with torch.device("meta"):  # the dense base's count, from the config alone
         dense = Transformer(ModelConfig.from_preset(preset))
     assert result["parameters"]["total"] > dense.num_params() > 0
@@ -45,8 +45,8 @@ def built_model(mode):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
     args = train.parse_args(["--mode", mode, "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "4"])[0]
-    train.make_trainable(model, args, lambda *a: None)
-    train.cast_params(model, torch.float32)
+    moe.make_trainable(model, mode, train.pesc_config(args), train.lora_config(args))
+    moe.cast_for_training(model, torch.float32)
     return model
 
 
@@ -75,11 +75,11 @@ def test_nf4_frozen_term_is_what_the_model_holds(mode, dtype, tmp_path):
     Transformer(ModelConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "base"))
     args = train.parse_args(["--mode", mode, "--num_experts", "4", "--adapter_dim", "8", "--lora_rank", "4",
                              "--quantize", "nf4"])[0]
-    real = train.make_trainable(Transformer.from_pretrained(str(tmp_path / "base"), quantize="nf4"), args,
-                                lambda *a: None)
-    train.cast_params(real, dtype)
+    configs = (mode, train.pesc_config(args), train.lora_config(args))
+    real = moe.make_trainable(Transformer.from_pretrained(str(tmp_path / "base"), quantize="nf4"), *configs)
+    moe.cast_for_training(real, dtype)
     with torch.device("meta"):
-        meta = train.make_trainable(Transformer(ModelConfig.from_preset("tiny")), args, lambda *a: None)
+        meta = moe.make_trainable(Transformer(ModelConfig.from_preset("tiny")), *configs)
     nf4 = [m for m in real.modules() if isinstance(m, quant.NF4Linear)]
     assert len(nf4) == 7 * real.config.n_layers
     frozen = sum(p.nbytes for p in plan.unique_params(real) if not p.requires_grad)

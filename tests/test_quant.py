@@ -217,7 +217,7 @@ def test_nf4_linear_flattened_for_fsdp(shape, double_quant, dtype):
     for t, u in zip(a.packed.tensors(), b.packed.tensors()):
         assert t.dtype == u.dtype and t.shape == u.shape and torch.equal(t, u)
     b.to(torch.float32)  # a dtype cast moves nothing but the bias: the bytes stay as they are
-    train.cast_params(b, torch.float32)
+    moe.cast_for_training(b, torch.float32)
     assert b.storage.dtype == dtype
     x = torch.randn(4, shape[1], requires_grad=True)
     g = torch.randn(4, shape[0])
@@ -230,8 +230,8 @@ def test_lora_on_nf4():
     torch.manual_seed(0)
     nf4 = quant.NF4Linear.from_linear(torch.nn.Linear(64, 48, bias=False))
     holder = torch.nn.Module()
-    holder.wq, holder.config = nf4, None  # merge_lora reads config.moe
-    moe.add_lora(holder, ["q"], rank=4, alpha=8.0, dropout=0.0)
+    holder.wq, holder.config = nf4, ModelConfig.from_preset("tiny")  # add_lora records LoRA in config.lora
+    moe.add_lora(holder, moe.LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q",)))
     lora = holder.wq
     assert isinstance(lora, moe.LoRALinear) and lora.base is nf4
     torch.nn.init.normal_(lora.lora_b)
@@ -243,7 +243,7 @@ def test_lora_on_nf4():
     out.sum().backward()
     assert lora.lora_a.grad is not None and lora.lora_b.grad is not None
     moe.merge_lora(holder)
-    assert type(holder.wq) is torch.nn.Linear
+    assert type(holder.wq) is torch.nn.Linear and holder.config.lora is None
     assert_close(holder.wq(x), want, reduction=64, name="merged")
 
 
@@ -296,7 +296,8 @@ def test_from_pretrained_quantize_errors(tmp_path):
     save_file(state, os.path.join(path, "model.safetensors"))
     with pytest.raises(KeyError, match="already quantized"):
         Transformer.from_pretrained(path, quantize="nf4")
-    lora = moe.upcycle(Transformer(ModelConfig.from_preset("tiny")), moe.PESCConfig(adapter_dim=4, lora_rank=2))
+    lora = moe.add_lora(moe.upcycle(Transformer(ModelConfig.from_preset("tiny")), moe.PESCConfig(adapter_dim=4)),
+                        moe.LoRAConfig(rank=2))
     lora.save_pretrained(str(tmp_path / "lora"))
     with pytest.raises(ValueError, match="unmerged LoRA"):
         Transformer.from_pretrained(str(tmp_path / "lora"), quantize="nf4")
@@ -320,8 +321,9 @@ def test_quantize_bad_input():
 
 
 def qlora_options(env, out, *extra):
-    return ["--init_from", env["base"], "--data", env["data"], "--out_dir", str(out), "--device", "cpu",
-            "--num_experts", "4", "--top_k", "2", "--adapter_dim", "8", "--lora_rank", "4", "--lora_dropout", "0",
+    return ["--ckpt", env["base"], "--data", env["data"], "--out_dir", str(out), "--device", "cpu",
+            "--num_experts", "4", "--experts_per_token", "2", "--adapter_dim", "8", "--lora_rank", "4",
+            "--lora_dropout", "0",
             "--adapter_dropout", "0", "--seq_len", "64", "--batch_size", "4", "--grad_accum_steps", "1",
             "--max_iters", "12", "--lr", "2e-2", "--warmup_iters", "0", "--log_interval", "1",
             "--eval_interval", "0", "--save_interval", "0", "--val_fraction", "0.1", "--quantize", "nf4", *extra]
@@ -344,11 +346,11 @@ def test_qlora_train_export(base):
     exported = load_file(str(out / "model.safetensors"))
     base_file = load_file(os.path.join(base["base"], "model.safetensors"))
     assert all(t.is_floating_point() for t in exported.values())
-    cfg = moe.PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0, lora_rank=4,
-                         lora_alpha=16.0, lora_dropout=0.0)
-    ref = moe.upcycle(Transformer.from_pretrained(base["base"]), cfg)
-    assert set(exported) == set(moe.merge_lora(moe.upcycle(Transformer.from_pretrained(base["base"]), cfg))
-                                .state_dict())
+    cfg = moe.PESCConfig(num_experts=4, top_k=2, adapter_dim=8, adapter_dropout=0.0)
+    lora = moe.LoRAConfig(rank=4, alpha=16.0, dropout=0.0)
+    ref = moe.add_lora(moe.upcycle(Transformer.from_pretrained(base["base"]), cfg), lora)
+    assert set(exported) == set(moe.merge_lora(moe.add_lora(moe.upcycle(Transformer.from_pretrained(base["base"]),
+                                                                         cfg), lora)).state_dict())
     ref.load_state_dict({**ref.state_dict(), **trained}, strict=True)
     key = "layers.1.feed_forward.w2.weight"
     delta = 16.0 / 4 * (trained[key[:-7] + ".lora_b"] @ trained[key[:-7] + ".lora_a"])
@@ -419,8 +421,8 @@ def official(base):
 
 def test_training_output_import(official, base, tmp_path):
     out = str(tmp_path / "pesc")
-    convert.main(["--src", official["hf"], "--training_output", official["ckpt"], "--out", out,
-                  "--top_k", "2", "--adapter_scaling", "0.25"])
+    convert.main(["--ckpt", official["hf"], "--training_output", official["ckpt"], "--out_dir", out,
+                  "--experts_per_token", "2", "--adapter_scaling", "0.25"])
     got = Transformer.from_pretrained(out).eval()
     m = got.config.moe
     assert (m.num_experts, m.adapter_dim, m.top_k, m.adapter_scaling) == (official["E"], official["r"], 2, 0.25)
@@ -465,15 +467,15 @@ def edit_adapter_config(ckpt, **changes):
 def test_training_output_errors(official, tmp_path, capsys):
     def fails(ckpt, match, *extra):
         with pytest.raises(SystemExit):
-            convert.main(["--src", official["hf"], "--training_output", str(ckpt), "--out", str(tmp_path / "o"),
+            convert.main(["--ckpt", official["hf"], "--training_output", str(ckpt), "--out_dir", str(tmp_path / "o"),
                           *extra])
         err = capsys.readouterr().err
         assert match in err, err
         assert not (tmp_path / "o").exists()
 
-    flags = ("--top_k", "2", "--adapter_scaling", "0.25")
-    fails(official["ckpt"], "needs --top_k and --adapter_scaling", "--top_k", "2")
-    fails(official["ckpt"], "needs --top_k and --adapter_scaling", "--adapter_scaling", "1")
+    flags = ("--experts_per_token", "2", "--adapter_scaling", "0.25")
+    fails(official["ckpt"], "needs --experts_per_token and --adapter_scaling", "--experts_per_token", "2")
+    fails(official["ckpt"], "needs --experts_per_token and --adapter_scaling", "--adapter_scaling", "1")
     fails(tmp_path / "nowhere", "no such directory", *flags)
 
     ckpt = copy_output(official, tmp_path)

@@ -50,8 +50,8 @@ def env(tmp_path_factory):
 
 
 def options(env, out, *extra):
-    return ["--init_from", env["base"], "--data", env["data"], "--out_dir", str(out), "--device", "cpu",
-            "--num_experts", "4", "--top_k", "2", "--adapter_dim", "8", "--lora_rank", "0", "--seq_len", "64",
+    return ["--ckpt", env["base"], "--data", env["data"], "--out_dir", str(out), "--device", "cpu",
+            "--num_experts", "4", "--experts_per_token", "2", "--adapter_dim", "8", "--lora_rank", "0", "--seq_len", "64",
             "--batch_size", "2", "--grad_accum_steps", "2", "--max_iters", "3", "--lr", "1e-2",
             "--warmup_iters", "2", "--log_interval", "1", "--eval_interval", "2", "--save_interval", "0",
             "--val_fraction", "0.1", "--cache_dir", str(env["dir"] / "cache"), *extra]
@@ -87,7 +87,7 @@ def test_options():
     # the official PESC recipe (the paper's training script)
     assert (args.lr, args.lr_schedule, args.warmup_iters, args.beta2, args.weight_decay, args.grad_clip) == \
         (2e-4, "constant", 200, 0.999, 0.0, 0.3)
-    assert (args.num_experts, args.top_k, args.adapter_dim, args.adapter_scaling, args.adapter_dropout) == \
+    assert (args.num_experts, args.experts_per_token, args.adapter_dim, args.adapter_scaling, args.adapter_dropout) == \
         (8, 2, 512, 0.25, 0.1)
     assert (args.lora_rank, args.lora_alpha, args.lora_dropout, args.seq_len, args.epochs) == (64, 16.0, 0.1, 512, 1.0)
     assert given == set()
@@ -116,7 +116,7 @@ def test_lr_schedule():
 def test_bf16_run_exports_the_frozen_base_unrounded(env):
     # training holds frozen weights in the compute dtype; the export must not round the fp32 base
     out = env["dir"] / "bf16"
-    run(env, out, "--dtype", "bfloat16")
+    run(env, out, "--dtype", "bf16")
     base = load_file(os.path.join(env["base"], "model.safetensors"))
     exported = load_file(out / "model.safetensors")
     assert all(torch.equal(exported[k], base[k]) for k in base)
@@ -156,7 +156,7 @@ def test_pesc_run_trains_only_routers_and_adapters(env, capsys):
 
     # convert.py reads it back out to Hugging Face's layout
     import convert
-    convert.main(["--src", str(out), "--out", str(env["dir"] / "pesc-hf"), "--to", "hf"])
+    convert.main(["--ckpt", str(out), "--out_dir", str(env["dir"] / "pesc-hf"), "--to", "hf"])
     assert os.path.isfile(env["dir"] / "pesc-hf" / "config.json")
 
 
@@ -174,7 +174,7 @@ def test_pesc_with_lora_and_the_dense_baselines(env):
     assert not any("lora" in k for k in exported)  # merged into the base weights
     changed = {k for k in base if not torch.equal(exported[k], base[k])}
     assert changed == {n.rsplit(".", 1)[0] + ".weight" for n in lora_names}  # norms, embeddings untouched
-    assert Transformer.from_pretrained(str(out)).config.moe.lora_rank == 0
+    assert Transformer.from_pretrained(str(out)).config.lora is None
 
     out = env["dir"] / "lora"
     run(env, out, "--mode", "lora", "--lora_rank", "4", "--max_iters", "2")
@@ -193,14 +193,14 @@ def test_continue_a_pesc_checkpoint(env):
     first = env["dir"] / "pesc-1"
     run(env, first, "--max_iters", "1")
     out = env["dir"] / "pesc-2"
-    train.train(*train.parse_args(options(env, out, "--max_iters", "1", "--init_from", str(first),
+    train.train(*train.parse_args(options(env, out, "--max_iters", "1", "--ckpt", str(first),
                                           "--num_experts", "8")))  # the checkpoint's 4 experts win
     before, after = load_file(first / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after) and after["layers.0.feed_forward.router.weight"].shape[0] == 4
     assert all(torch.equal(before[k], after[k]) for k in before if not is_pesc_param(k))
     assert not torch.equal(before["layers.0.feed_forward.adapter_up"], after["layers.0.feed_forward.adapter_up"])
     with pytest.raises(ValueError, match="PESC checkpoint"):
-        train.train(*train.parse_args(options(env, env["dir"] / "x", "--init_from", str(first), "--mode", "lora",
+        train.train(*train.parse_args(options(env, env["dir"] / "x", "--ckpt", str(first), "--mode", "lora",
                                               "--lora_rank", "4")))
 
 
@@ -239,7 +239,7 @@ def test_resume_is_exact(env):
     Transformer(ModelConfig.from_preset("tiny")).save_pretrained(str(other))
     write_byte_tokenizer(str(other / "tokenizer.model"))
     with pytest.raises(ValueError, match="is not the checkpoint the run .* started from"):
-        train.train(*train.parse_args(["--out_dir", str(split), "--resume", "--init_from", str(other)]))
+        train.train(*train.parse_args(["--out_dir", str(split), "--resume", "--ckpt", str(other)]))
 
 
 def test_ddp_matches_one_process_with_more_accumulation(env):
@@ -312,7 +312,7 @@ def test_bf16_autocast_with_fp32_master_weights(env):
     # tensors kept in fp32 for AdamW, the forward under bf16 autocast. (Needs moe.adapter_experts
     # to compute in the activations' dtype: the custom backward passes run outside autocast.)
     out = env["dir"] / "bf16"
-    run(env, out, "--dtype", "bfloat16", "--lora_rank", "4", "--max_iters", "2", "--seq_len", "48",
+    run(env, out, "--dtype", "bf16", "--lora_rank", "4", "--max_iters", "2", "--seq_len", "48",
         "--batch_size", "1", "--grad_accum_steps", "1", "--val_fraction", "0")
     assert all(t.dtype == torch.float32 for t in trainable(out).values())
     assert all(math.isfinite(x) for x in losses(out).values())

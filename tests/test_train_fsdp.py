@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from model import Transformer
 from test_train import ROOT, env, losses, metrics, options, run  # noqa: F401  (env is a fixture)
@@ -30,10 +31,10 @@ def state_tensors(out, tmp):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     state = os.path.join(out, "train_state")
-    if not os.path.isdir(os.path.join(state, train.SHARDED)):
+    if not os.path.isdir(os.path.join(state, checkpoint.SHARDED)):
         return load_file(os.path.join(state, "trainable.safetensors"))
     dst = os.path.join(tmp, os.path.basename(str(out)) + ".pt")
-    dcp_to_torch_save(os.path.join(state, train.SHARDED), dst)
+    dcp_to_torch_save(os.path.join(state, checkpoint.SHARDED), dst)
     return torch.load(dst, weights_only=True)["model"]
 
 
@@ -50,7 +51,7 @@ def test_fsdp_equals_ddp_and_one_process(env, straight, tmp_path):
     output = torchrun(env, fsdp, *DROPOUT, "--max_iters", str(STEPS), "--fsdp")
     assert "warning" not in output.lower()
     torchrun(env, ddp, *DROPOUT, "--max_iters", str(STEPS))
-    assert os.path.isdir(fsdp / "train_state" / train.SHARDED)  # each rank wrote its shards
+    assert os.path.isdir(fsdp / "train_state" / checkpoint.SHARDED)  # each rank wrote its shards
     assert not os.path.exists(fsdp / "train_state" / "trainable.safetensors")
     single = state_tensors(straight, tmp_path)
     assert_same_weights(state_tensors(fsdp, tmp_path), single, reduction(env, STEPS))
@@ -65,12 +66,12 @@ def test_fsdp_equals_ddp_and_one_process(env, straight, tmp_path):
     assert a.keys() == b.keys() and not any("lora" in k for k in a)
     for k in a:
         assert_close(a[k], b[k], reduction=reduction(env, STEPS), name=k)
-    assert Transformer.from_pretrained(str(fsdp)).config.moe.lora_rank == 0
+    assert Transformer.from_pretrained(str(fsdp)).config.lora is None
     sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(fsdp), "--prompt", "add",
                              "--max_new_tokens", "3", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0, sample.stderr[-2000:]
-    hf = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--src", str(fsdp),
-                         "--out", str(tmp_path / "hf"), "--to", "hf"], capture_output=True, text=True, timeout=120)
+    hf = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--ckpt", str(fsdp),
+                         "--out_dir", str(tmp_path / "hf"), "--to", "hf"], capture_output=True, text=True, timeout=120)
     assert hf.returncode == 0, hf.stderr[-2000:]
 
 
