@@ -36,17 +36,9 @@ def str2bool(s):
 FLAG = dict(type=str2bool, nargs="?", const=True)  # p.add_argument("--x", default=False, **FLAG)
 
 
-def dtype_name(s):
-    """argparse type of --dtype: a name of DTYPES or auto; an old spelling is translated, with a note."""
-    if s in OLD_DTYPE_NAMES:
-        note(f"--dtype {s} is now spelled {OLD_DTYPE_NAMES[s]}")
-        return OLD_DTYPE_NAMES[s]
-    return s
-
-
 def add_device_dtype(p, dtypes=("auto", *DTYPES)):
     p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", type=dtype_name, choices=dtypes,
+    p.add_argument("--dtype", default="auto", choices=dtypes,
                    help="auto: bf16 on a CUDA GPU that has it, else fp32")
 
 
@@ -64,13 +56,21 @@ def resolve_dtype(name, device) -> torch.dtype:
 
 def rename(argv, renamed):
     """argv with each old option name in `renamed` ({"--old": "--new"}) replaced by the new one,
-    with one line saying so."""
+    and an old --dtype spelling (bfloat16) by the new (bf16), with one line saying so."""
+    def respell(dtype):
+        note(f"--dtype {dtype} is now spelled {OLD_DTYPE_NAMES[dtype]}")
+        return OLD_DTYPE_NAMES[dtype]
+
     out = []
     for arg in argv:
         name, eq, value = arg.partition("=")
         if name in renamed:
             note(f"{name} is now {renamed[name]}")
             name = renamed[name]
+        if name == "--dtype" and value in OLD_DTYPE_NAMES:  # --dtype=bfloat16
+            value = respell(value)
+        elif not eq and out and out[-1] == "--dtype" and name in OLD_DTYPE_NAMES:  # --dtype bfloat16
+            name = respell(name)
         out.append(name + eq + value)
     return out
 

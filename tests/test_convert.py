@@ -722,6 +722,16 @@ def test_dtype_and_tokenizer_files(good, tmp_path, capsys):
     assert Tokenizer(str(tmp_path / "c")).template == "llama3"
 
 
+def test_old_option_names_still_work_with_a_note(good, tmp_path, capsys):
+    import convert
+
+    convert.main(["--src", str(good / "hf"), "--out", str(tmp_path / "a"), "--dtype", "bfloat16"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: --src is now --ckpt", "note: --out is now --out_dir",
+                     "note: --dtype bfloat16 is now spelled bf16"]
+    assert {p.dtype for p in Transformer.from_pretrained(tmp_path / "a").parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("model_type,expert,family", [
     ("llama", "expert_0", "camelidae"), ("qwen2", "expert_0", "qwen2idae"), ("mistral", "0", "sparsetral"),
     ("camelidae", "expert_0", "camelidae"), ("sparsetral", "0", "sparsetral")])

@@ -568,17 +568,18 @@ def test_adapter_matches_the_harness_hf_backend(tmp_path, ckpts, monkeypatch):
 def test_eval_runs_without_lm_eval_and_says_how_to_install_it(tmp_path, ckpts):
     # a fresh interpreter where lm-eval cannot be imported: eval.py imports, says how to get the
     # harness, and runs local tasks
-    task = f"mc={write_jsonl(tmp_path / 'arc.jsonl', arc_rows(2))}"
+    task = f"mc={write_jsonl(tmp_path / 'arc.jsonl', arc_rows(2))}"  # run with the old spellings of two options
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # an import of it now fails
             "import pytest, eval as ev\n"
             f"with pytest.raises(ImportError, match='pip install lm-eval'):\n    ev.PESCLM(ckpt={str(ckpts / 'pesc')!r})\n"
             f"with pytest.raises(SystemExit, match='pip install lm-eval'):\n"
             f"    ev.main(['--ckpt', {str(ckpts / 'pesc')!r}, '--harness', 'mmlu'])\n"
-            f"ev.main(['--ckpt', {str(ckpts / 'pesc')!r}, '--task', {task!r}, '--quiet', '--results', "
-            f"{str(tmp_path / 'r.json')!r}])\n")
+            f"ev.main(['--ckpt', {str(ckpts / 'pesc')!r}, '--task', {task!r}, '--quiet', 'true', '--out', "
+            f"{str(tmp_path / 'r.json')!r}, '--dtype', 'float32'])\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["n"] == 2
+    assert "note: --out is now --results" in p.stderr and "note: --dtype float32 is now spelled fp32" in p.stderr
 
 
 def test_importing_eval_registers_the_adapter_by_name(tmp_path, ckpts):

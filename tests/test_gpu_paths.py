@@ -245,11 +245,12 @@ def test_gpu_check_without_gpu_says_so(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, "bench.py", "--gpu", "--out_dir", str(tmp_path)], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0
-    assert "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
-    assert not any(tmp_path.iterdir())
+    for argv in (["--gpu", "--out_dir", str(tmp_path)], ["--gpu", "true", "--out", str(tmp_path)]):  # the old spelling
+        p = subprocess.run([sys.executable, "bench.py", *argv], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode != 0
+        assert "no CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+        assert not any(tmp_path.iterdir())
 
 
 def test_gpu_check_needs_only_what_the_gpu_machine_has(tmp_path):

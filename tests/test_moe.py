@@ -356,3 +356,27 @@ def test_pesc_checkpoint_roundtrip(tmp_path):
     idx = torch.randint(0, 512, (1, 10))
     with torch.no_grad():
         assert torch.equal(model.eval()(idx)[0], loaded(idx)[0])
+
+
+def test_a_checkpoint_written_before_lora_had_its_config_loads(tmp_path):
+    # LoRA's settings used to live in the PESC ones ("moe": {..., "lora_rank": 4, ...}); such a
+    # checkpoint loads with LoRA described by config.lora, and one with lora_rank 0 has none
+    import json
+
+    model = tiny_pesc_lora(targets=("q", "down"), dropout=0.0).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, moe.LoRALinear):
+                m.lora_b.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "new")
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    lora = config.pop("lora")
+    config["moe"].update({f"lora_{k}": v for k, v in lora.items()})
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    loaded = Transformer.from_pretrained(tmp_path / "new").eval()
+    assert loaded.config.lora == LoRAConfig(rank=4, targets=("q", "down"), dropout=0.0)
+    idx = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    config["moe"]["lora_rank"] = 0
+    assert ModelConfig.from_dict(config).lora is None

@@ -21,7 +21,7 @@ from model import LMHead, ModelConfig, Transformer
 from test_train import tiny_base
 
 # -----------------------------------------------------------------------------------------------
-# The format, read independently in NumPy from SPEC.md section 6
+# The format, as bitsandbytes stores it (quant.py writes it down), read independently in NumPy
 
 LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -160,7 +160,7 @@ def test_kernel_equals_twin(shape, double_quant, dtype, monkeypatch):
     monkeypatch.setenv("PESC_KERNELS", "torch")
     want = quant.dequantize_nf4(p, dtype)
     assert got.dtype == dtype and got.shape == want.shape
-    # the same fp32 products; the interpreter's fp32 -> bf16 store truncates (one ulp, TRITON.md)
+    # the same fp32 products; the Triton interpreter's fp32 -> bf16 store truncates instead of rounding (one ulp)
     assert_close(got, want, dtype=dtype, name="nf4 dequantize")
 
 

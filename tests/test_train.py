@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import moe
 import train
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer, write_byte_tokenizer
@@ -97,6 +98,31 @@ def test_options():
     for bad in (["--bogus", "1"], ["--lr_schedul", "cosine"], ["--mode", "dense"], ["--pack", "maybe"], ["--no_pack"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+
+
+def test_old_option_names_still_work_with_a_note(capsys):
+    # renamed options (scripts and shell histories use the old ones): read as the new, one line each
+    old = ["--init_from", "ckpt/x", "--top_k", "4", "--dtype", "bfloat16"]
+    args, given = train.parse_args(old)
+    assert (args.ckpt, args.experts_per_token, args.dtype) == ("ckpt/x", 4, "bf16")
+    assert given == {"ckpt", "experts_per_token", "dtype"}
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == ["note: --init_from is now --ckpt", "note: --top_k is now --experts_per_token",
+                     "note: --dtype bfloat16 is now spelled bf16"]
+    assert train.parse_args(["--top_k=3"])[0].experts_per_token == 3
+    assert not hasattr(args, "top_k") and not hasattr(args, "init_from")  # one meaning per name
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dtype", "fp16"])  # no loss scaler: training takes fp32 or bf16
+
+
+def test_pesc_and_lora_options_come_from_their_configs():
+    args, _ = train.parse_args(["--num_experts", "16", "--experts_per_token", "4", "--lora_rank", "8",
+                                "--lora_targets", "q,v"])
+    assert train.pesc_config(args) == moe.PESCConfig(num_experts=16, top_k=4)
+    assert train.lora_config(args) == moe.LoRAConfig(rank=8, targets=("q", "v"))
+    assert train.lora_config(train.parse_args(["--lora_rank", "0"])[0]) is None
+    defaults, _ = train.parse_args([])
+    assert train.pesc_config(defaults) == moe.PESCConfig() and train.lora_config(defaults) == moe.LoRAConfig()
 
 
 def test_lr_schedule():

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -262,3 +264,32 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(env):
                                    "--grad_accum_steps", "4"]))
     run(env, straight, *DROPOUT, "--max_iters", str(k + 1), "--eval_interval", "0", "--grad_accum_steps", "4")
     assert_same_weights(trainable(straight), trainable(out), reduction(env, k + 1))
+
+
+def test_a_state_written_before_the_restructure_resumes(env):
+    # train_state/state.json as the previous version wrote it: no format, the fingerprint sampled
+    # another way, options under their old names and spellings (init_from, top_k, bfloat16-style
+    # dtypes, lora_targets as one string); it resumes and equals the uninterrupted run
+    straight, old = env["dir"] / "straight-old", env["dir"] / "old-state"
+    run(env, straight, *DROPOUT, "--max_iters", "4")
+    run(env, old, *DROPOUT, "--max_iters", "2")
+    path = old / "train_state" / "state.json"
+    state = json.loads(path.read_text())
+    del state["format"], state["dtype"]
+    state["base_fingerprint"] = "0" * 64
+    options = state["options"]
+    options["init_from"], options["top_k"] = options.pop("ckpt"), options.pop("experts_per_token")
+    options["dtype"], options["lora_targets"] = "float32", ",".join(options["lora_targets"])
+    path.write_text(json.dumps(state))
+    train.train(*train.parse_args(["--out_dir", str(old), "--resume", "--max_iters", "4"]))
+    a, b = trainable(straight), trainable(old)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a state of this version is checked: another base is refused
+    with pytest.raises(ValueError, match="is not the checkpoint"):
+        other = env["dir"] / "other-base"
+        from model import ModelConfig, Transformer
+        torch.manual_seed(1)
+        Transformer(ModelConfig.from_preset("tiny")).save_pretrained(other)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            (other / name).write_bytes((Path(env["base"]) / name).read_bytes())
+        train.train(*train.parse_args(["--out_dir", str(old), "--resume", "--max_iters", "5", "--ckpt", str(other)]))

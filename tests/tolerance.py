@@ -20,7 +20,7 @@ CPU's bf16 matmuls accumulate in fp32), and sqrt(K) fp32 eps is far below one bf
 reference rounds the terms of a sum to bf16 first, K terms each off by a relative eps add up to
 sqrt(K) eps of a term, about one eps of the result. So the error is that of a few bf16
 roundings per element: both sides round their output to bf16 (half an eps each), the Triton
-interpreter truncates fp32 -> bf16 stores (one eps, see TRITON.md), and the PyTorch references
+interpreter truncates fp32 -> bf16 stores instead of rounding them (one eps), and the PyTorch references
 round intermediates the kernels keep in fp32 (silu before the product, the adapter's
 projections, the matmuls' outputs). Hence reduction=1 and ulps=4 for bf16.
 
