@@ -149,7 +149,8 @@ def training_run(mode, device, layers, quantize="", compile=False):
     cfg = ModelConfig.from_preset("llama2-7b", n_layers=layers) if cuda else ModelConfig.from_preset("small")
     B, T = (4, 1024) if cuda else (8, 256)
     kind, _, lora = mode.partition("+")
-    options = ["--mode", kind, "--num_experts", "8", "--experts_per_token", "2", "--adapter_dim", "512" if cuda else "64",
+    ckpt = tempfile.mkdtemp(prefix="bench-base-")  # a random base, loaded by train.py's own code
+    options = ["--ckpt", ckpt, "--mode", kind, "--num_experts", "8", "--experts_per_token", "2", "--adapter_dim", "512" if cuda else "64",
                "--lora_rank", ("64" if cuda else "16") if kind == "lora" or lora else "0", "--batch_size", str(B),
                "--grad_accum_steps", "1", "--seq_len", str(T), "--lr", "1e-5", "--device", device, "--quantize",
                quantize, "--compile", str(compile)]
@@ -157,10 +158,11 @@ def training_run(mode, device, layers, quantize="", compile=False):
     where = train.Dist.one_process(args.device)
     dtype = cli.resolve_dtype(args.dtype, where.device)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as ckpt:
+    try:
         Transformer(cfg).to(dtype).save_pretrained(ckpt)
-        args.ckpt = ckpt
         net = train.prepare_model(train.load_model(args, where, dtype)[0], args, where, dtype, log=lambda *a: None)
+    finally:
+        shutil.rmtree(ckpt)
     optimizer, params = train.make_optimizer(net, args, where)
     batch = (torch.randint(0, cfg.vocab_size, (B, T)), torch.randint(0, cfg.vocab_size, (B, T)),
              attention_inputs((torch.arange(T) // (T // 4)).expand(B, T)))

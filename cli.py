@@ -47,11 +47,13 @@ def resolve_device(name="auto") -> torch.device:
 
 
 def resolve_dtype(name, device) -> torch.dtype:
-    """The dtype `name` means on `device`: auto is bf16 on a CUDA GPU that has it, else fp32."""
+    """The dtype `name` means on `device`: auto is bf16 on a CUDA GPU that has it, else fp32. A
+    CUDA device that is not here (a plan for GPUs to rent) is taken to have bf16."""
     if name != "auto":
         return DTYPES[name]
-    device = torch.device(device)
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float32
 
 
 def rename(argv, renamed):

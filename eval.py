@@ -51,6 +51,7 @@ expert-specialisation analysis), with a heatmap beside --results (PNG; needs mat
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -683,9 +684,10 @@ def plot_routing(shares, path, title=""):
     fig.colorbar(image, ax=axes[0].tolist(), label="share of routed tokens")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path + ".tmp.png", dpi=100, bbox_inches="tight")  # renamed when complete
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    write_atomic(path, png.getvalue())
     return True
 
 

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+import cli
 import moe
 import quant
 from model import PRESETS, QUANTIZED_KEY, ModelConfig, Transformer
@@ -174,7 +175,7 @@ def print_plan(args, pesc, lora):
     else:
         raise SystemExit(f"train.py --plan: --ckpt {args.ckpt!r} is neither a checkpoint directory "
                          f"(no config.json) nor a preset ({', '.join(PRESETS)})")
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16  # auto: a GPU's bf16
+    dtype = cli.resolve_dtype(args.dtype, "cuda")  # the plan is for GPUs
     torch.manual_seed(args.seed)
     with torch.device("meta"):
         model = moe.make_trainable(Transformer(config), args.mode, pesc, lora)

@@ -250,7 +250,7 @@ def reply(model, tokenizer, ids, args, sampling, experts_seen):
                 experts.append([layer[-1].tolist() for layer in experts_seen])
 
         t0 = time.perf_counter()
-        generate(model, [ids], max_new, args.temperature, args.top_k, args.top_p, tokenizer.stop_ids,
+        generate(model, [ids], max_new, args.temperature, args.top_k or None, args.top_p, tokenizer.stop_ids,
                  vocab_size=tokenizer.vocab_size, on_token=on_token, **sampling)
         dt = time.perf_counter() - t0
         stream.end()
@@ -291,7 +291,6 @@ def main(argv=None):
         p.error("--system needs --chat")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         p.error("--num_samples and --max_new_tokens must be >= 1")
-    args.top_k = args.top_k or None
 
     device = cli.resolve_device(args.device)
     if device.type == "cuda" and device.index is not None:
