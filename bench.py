@@ -80,8 +80,8 @@ def peak_rss_mib():
 
 def bench_moe(args):
     """One FFN layer forward + backward, the FFN frozen: dense vs PESC (router and adapters trained);
-    then the adapters alone on a fixed FFN output: the fast path (moe.adapter_experts) vs the
-    reference loop. CPU: dim 1024, ffn 2816, 8 experts top-2, r 64, 4096 tokens, fp32; GPU:
+    then the MoE part alone (router, dispatch, adapters, combine) on a fixed FFN output: the fast
+    path (moe.adapter_experts) vs the reference loop. CPU: dim 1024, ffn 2816, 8 experts top-2, r 64, 4096 tokens, fp32; GPU:
     Camelidae-8x7B's sizes (dim 4096, ffn 11008, r 512, dropout 0.1), 8192 tokens, bf16."""
     dev = cli.resolve_device(args.device)
     dtype = cli.resolve_dtype(args.dtype, dev)
@@ -92,9 +92,9 @@ def bench_moe(args):
     layer = PESCFeedForward(ffn, cfg).train()
     torch.nn.init.normal_(layer.adapter_up, 0, 0.02)  # zero at upcycling; trained adapters are not
     x, y, g = (torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-    w, e = moe.route(layer.router(x.detach()), cfg.top_k)
-    adapters = [lambda fn=fn: fn(y, w, e, layer.adapter_down, layer.adapter_up, 0.25, p, True).backward(g)
-                for fn in (moe.adapter_experts, moe.adapter_experts_loop)]
+    adapters = [lambda fn=fn: fn(y, *moe.route(layer.router(x.detach()), cfg.top_k), layer.adapter_down,
+                                 layer.adapter_up, 0.25, p, True).backward(g) for fn in (moe.adapter_experts,
+                                                                                          moe.adapter_experts_loop)]
     t_dense, t_pesc, t_fast, t_loop = race([lambda: ffn(x[None]).backward(g[None]),
                                             lambda: layer(x[None], cfg)[0].backward(g[None]), *adapters], device=dev)
     flop_ratio = (3 * F_ + (cfg.top_k * 2 * r + cfg.num_experts) * 1.5) / (3 * F_)  # the new tensors' weight grads too

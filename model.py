@@ -78,7 +78,10 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["lora"] is None:  # written only when there is LoRA: other checkpoints keep their old layout
+            del d["lora"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config"):

@@ -150,9 +150,26 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     N, k = experts.shape
     E = down.shape[0]
     NK, dev = N * k, y.device
-    # few rows (decoding): shrink the tiles so padding stays small; 1 row per tile = a plain gather
-    block = min(block, 1 << max(0, (NK // E).bit_length() - 1))
     flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+    if NK < 2 * E:  # few pairs (decoding): a 1-row tile per pair, in pair order; nothing to sort or pad
+        pair, tile_expert = torch.arange(NK, device=dev), flat
+        real, row_of = torch.ones(NK, dtype=torch.bool, device=dev), pair.view(N, k)
+    else:
+        pair, real, row_of, tile_expert = _tiles(flat, E, block)
+        row_of = row_of.view(N, k)
+    sw = (scaling * weights).to(y.dtype)  # (N, k)
+    if dropout_p > 0 and training:
+        return y + _SortedAdapters.apply(F.dropout(y, dropout_p), sw, down, up, pair, real, row_of, tile_expert, False)
+    return _SortedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
+
+
+def _tiles(flat, E, block):
+    """The tile layout of the sorted path: the (token, slot) pairs sorted by expert, each expert's
+    rows padded to whole tiles of `block` rows. Returns (pair of each row, whether a row is real,
+    the row of each pair as (N, k), the expert of each tile). Every shape is static: the tile
+    count is an upper bound (at most E tiles of padding past the rows)."""
+    NK, dev = flat.numel(), flat.device
+    block = min(block, 1 << max(0, (NK // E).bit_length() - 1))  # fewer rows: smaller tiles, less padding
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert
     e_sorted = flat[order]
     counts = torch.zeros(E, dtype=torch.long, device=dev).index_add_(0, flat, torch.ones_like(flat))  # (E,)
@@ -160,19 +177,14 @@ def adapter_experts_sorted(y, weights, experts, down, up, scaling, dropout_p=0.0
     pend = torch.cumsum(padded, 0)
     start = torch.cumsum(counts, 0) - counts  # first sorted pair of each expert
     rows = pend[e_sorted] - padded[e_sorted] + torch.arange(NK, device=dev) - start[e_sorted]  # padded row
-    # sum_e ceil(counts_e / block) is at most E tiles of padding past the rows, and no tile is empty
-    n_tiles = min(-(-NK // block) + E, NK)
+    n_tiles = -(-NK // block) + E
     P = n_tiles * block
-    row_of = torch.empty_like(rows).scatter_(0, order, rows).view(N, k)  # padded row of each pair
+    row_of = torch.empty_like(rows).scatter_(0, order, rows)  # padded row of each pair
     # padding rows read token 0 with weight 0: finite, and they contribute nothing anywhere
     pair = torch.zeros(P, dtype=torch.long, device=dev).scatter_(0, rows, order)  # pair of each row
     real = torch.zeros(P, dtype=torch.bool, device=dev).scatter_(0, rows, True)
     tile_expert = torch.searchsorted(pend, torch.arange(n_tiles, device=dev) * block, right=True).clamp(max=E - 1)
-
-    sw = (scaling * weights).to(y.dtype)  # (N, k)
-    if dropout_p > 0 and training:
-        return y + _SortedAdapters.apply(F.dropout(y, dropout_p), sw, down, up, pair, real, row_of, tile_expert, False)
-    return _SortedAdapters.apply(y, sw, down, up, pair, real, row_of, tile_expert, True)  # y + adapters
+    return pair, real, row_of, tile_expert
 
 
 class _SortedAdapters(torch.autograd.Function):
