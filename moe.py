@@ -123,8 +123,8 @@ def route(logits, top_k: int):
 
 
 def adapter_experts_loop(y, weights, experts, down, up, scaling, dropout_p=0.0, training=False):
-    """Reference: the official algorithm, one boolean mask per expert. The sorted, gathered and
-    Triton paths are all tested against this one.
+    """Reference: the official algorithm, one boolean mask per expert. The sorted, grouped-GEMM
+    and Triton paths are all tested against this one.
 
     y: (N, D) FFN output; weights, experts: (N, k); down: (E, r, D); up: (E, D, r)."""
     N, k = experts.shape
