@@ -165,11 +165,6 @@ def get_lr(it, total, args):
 # -----------------------------------------------------------------------------
 # The model a run trains: loaded, made trainable, cast, sharded, and its optimizer
 
-# Exit status of a run stopped by SIGTERM or SIGINT after saving its state (EX_TEMPFAIL of
-# sysexits.h: nothing is wrong, run the same thing again with --resume).
-PREEMPTED = 75
-
-
 @dataclass
 class Dist:
     """Where this process runs: its rank among `world` processes and its device."""
@@ -339,6 +334,11 @@ def dropout_seed(seed, row):
     A function of the run's seed and the data position only: the same rows get the same dropout
     masks whatever the world size, the split into ranks and accumulation, or where a resume began."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:8], "little") >> 1
+
+
+# Exit status of a run stopped by SIGTERM or SIGINT after saving its state (EX_TEMPFAIL of
+# sysexits.h: nothing is wrong, run the same thing again with --resume).
+PREEMPTED = 75
 
 
 class StopSignal:
