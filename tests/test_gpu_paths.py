@@ -69,9 +69,26 @@ def test_grouped_adapters_dropout_mask_as_loop():
     assert_adapters_equal(fast, run(adapter_experts_loop, dropout_p=0.3, training=True), torch.float32, 16, 8)
 
 
-def test_grouped_path_is_chosen_only_where_it_is_fast():
+def test_grouped_path_is_chosen_only_where_it_is_fast(monkeypatch):
     y, down = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
-    assert not moe.grouped_mm_fused(y, down)  # a CPU tensor: the sorted path runs
+    assert not moe.grouped_mm_fused(y, down)  # a CPU tensor: no fused kernel
+    assert moe.adapter_path(y, down) == "sorted"  # training: the sorted path's backward
+    with torch.device("meta"):  # plan.py's trace
+        assert moe.adapter_path(torch.empty(4, 16), torch.empty(2, 8, 16)) == "sorted"
+    with torch.no_grad():
+        assert moe.adapter_path(y, down) == "grouped"  # generation on the CPU
+        monkeypatch.setenv("PESC_KERNELS", "triton")  # the tests interpret the kernels on the CPU
+        assert moe.adapter_path(y, down) == "triton"
+
+
+def test_generation_on_the_cpu_takes_the_grouped_path_and_equals_the_loop():
+    g = torch.Generator().manual_seed(4)
+    y, logits = torch.randn(37, 32, generator=g), torch.randn(37, 8, generator=g)
+    down, up = torch.randn(8, 16, 32, generator=g) / 32**0.5, torch.randn(8, 32, 16, generator=g) / 16**0.5
+    weights, experts = route(logits, 2)
+    with torch.no_grad():
+        fast = moe.adapter_experts(y, weights, experts, down, up, 0.5)
+    assert_close(fast, adapter_experts_loop(y, weights, experts, down, up, 0.5), reduction=32 + 16, name="out")
 
 
 # -----------------------------------------------------------------------------
