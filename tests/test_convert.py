@@ -142,11 +142,13 @@ def assert_nothing_left(parent, expected):
 
 
 def write_sentencepiece(path):
-    """A tiny SentencePiece model (Llama 2 / Mistral / Yi tokenizers are SentencePiece)."""
+    """A tiny SentencePiece model (Llama 2 / Mistral / Yi tokenizers are SentencePiece), with their
+    settings: BPE, no normalisation, spaces kept as they are."""
     text = ["the quick brown fox jumps over the lazy dog", "a llama, a camel and a mixture of experts"] * 20
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=60,
                                              model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                             normalization_rule_name="identity", remove_extra_whitespaces=False,
                                              minloglevel=2)
     with open(path, "wb") as f:
         f.write(buf.getvalue())
