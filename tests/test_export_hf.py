@@ -133,11 +133,12 @@ def test_bad_chat_input(hf_tokenizers):
 # Tiny PESC exports, one per family: the project's own model, upcycled with non-zero adapters,
 # saved, then exported by the real converter.
 
+HEADS = dict(n_heads=2, n_kv_heads=1)  # head_dim 32: vLLM's CPU attention takes 32, 64, 80, ...
 FAMILIES = {
     # family: (model preset, overrides, tokenizer kind, chat template, adapter scaling)
-    "camelidae": ("tiny", {}, "byte", "camelidae", 0.25),
-    "qwen2idae": ("tiny-qwen", {}, "bpe", "chatml", 0.25),
-    "sparsetral": ("tiny", {"rope_theta": 1e6}, "sentencepiece", "chatml", 1.0),
+    "camelidae": ("tiny", HEADS, "byte", "camelidae", 0.25),
+    "qwen2idae": ("tiny-qwen", HEADS, "bpe", "chatml", 0.25),
+    "sparsetral": ("tiny", {**HEADS, "rope_theta": 1e6}, "sentencepiece", "chatml", 1.0),
 }
 E, TOP_K, R = 4, 2, 8
 
