@@ -15,6 +15,7 @@ machine, the date and the command.
     OMP_NUM_THREADS=1 python bench.py --only compare   # dense LoRA vs full vs PESC, tuned and scored
     python bench.py --only data          # tokenizing 200K ShareGPT conversations into the token cache
     python bench.py --only fsdp_load     # peak memory per rank loading a 1B base for --fsdp (CPU, 2 ranks)
+    .venv-serve/bin/python bench.py --only serve   # vLLM serving PESC vs dense (needs the serve venv)
 """
 
 import argparse
@@ -1322,11 +1323,77 @@ def check_decode(device, shape, layers, compiled, done):
 
 
 # -----------------------------------------------------------------------------
+# vLLM serving (serve/): run with the serve venv's python (README: Serving), not in the default set
+
+
+def bench_serve(args, steps=64, dim=1024, layers=8):
+    """Generated tokens/s of vLLM's OpenAI server at 1, 8 and 32 concurrent greedy requests (each
+    exactly `steps` tokens), PESC (8 experts, top-2, adapter dim dim/8 as Camelidae's 512/4096) beside
+    the same dense base, and sample.generate at batch 1 and 32; fp32, eager, random weights."""
+    import concurrent.futures
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    from openai import OpenAI
+
+    from convert import export_hf
+    from tokenizer import write_byte_tokenizer
+
+    root = tempfile.mkdtemp(prefix="bench_serve_")
+    prompts = [[256] + [(7 * i + j) % 256 for j in range(24)] for i in range(32)]  # BOS + 24 bytes, all different
+    for kind in ("dense", "pesc"):
+        torch.manual_seed(0)
+        net = Transformer(ModelConfig(vocab_size=512, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 128,
+                                      ffn_dim=int(dim * 2.75), max_seq_len=256))
+        if kind == "pesc":
+            upcycle(net, PESCConfig(num_experts=8, top_k=2, adapter_dim=dim // 8, adapter_dropout=0.0))
+            for ff in pesc_layers(net):
+                torch.nn.init.normal_(ff.adapter_up, std=0.02)
+        ckpt, hf = os.path.join(root, kind), os.path.join(root, kind + "-hf")
+        net.eval().save_pretrained(ckpt)
+        write_byte_tokenizer(os.path.join(ckpt, "tokenizer.model"))
+        export_hf(ckpt, hf)
+        for batch in (1, 32):
+            t0 = time.perf_counter()
+            generate(net, prompts[:batch], steps, temperature=0)
+            print(f"serve {kind}: sample.generate batch {batch}: {batch * steps / (time.perf_counter() - t0):.1f} tokens/s")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log = open(os.path.join(root, kind + ".log"), "w")
+        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hf, "--port",
+                                   str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert server.poll() is None, f"vLLM server failed; see {log.name}"
+                    time.sleep(1)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
+            ask = lambda p: client.completions.create(model=hf, prompt=p, max_tokens=steps, temperature=0,  # noqa: E731
+                                                      extra_body={"ignore_eos": True}).usage.completion_tokens
+            ask(prompts[0])  # warm-up
+            for n in (1, 8, 32):
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                    tokens = sum(pool.map(ask, prompts[:n]))
+                print(f"serve {kind}: vLLM {n} concurrent: {tokens / (time.perf_counter() - t0):.1f} tokens/s")
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait()
+
 
 SECTIONS = {"lora": bench_lora, "moe": bench_moe, "decode": bench_decode, "kernels": bench_kernels, "model": bench_model,
             "train": bench_train, "quant": bench_quant, "quant7b": bench_quant7b, "eval": bench_eval,
             "compare": bench_compare, "data": bench_data,
             "fsdp_load": bench_fsdp_load}
+OPT_IN = {"serve": bench_serve}  # only by name (--only serve): it needs vLLM, in the serve venv
 
 
 def main():
@@ -1350,12 +1417,13 @@ def main():
                              "so there is nothing to check; run it on the GPU machine")
         gpu_check(args.out, budget_s=args.budget_s)
         return
+    sections = {**SECTIONS, **OPT_IN}
     for name in args.only.split(","):
-        if name not in SECTIONS:
-            p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
+        if name not in sections:
+            p.error(f"unknown section {name!r}; known: {', '.join(sections)}")
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} CPU threads")
     for name in args.only.split(","):
-        SECTIONS[name](args)
+        sections[name](args)
 
 
 if __name__ == "__main__":

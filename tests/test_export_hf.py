@@ -138,7 +138,7 @@ FAMILIES = {
     # family: (model preset, overrides, tokenizer kind, chat template, adapter scaling)
     "camelidae": ("tiny", HEADS, "byte", "camelidae", 0.25),
     "qwen2idae": ("tiny-qwen", HEADS, "bpe", "chatml", 0.25),
-    "sparsetral": ("tiny", {**HEADS, "rope_theta": 1e6}, "sentencepiece", "chatml", 1.0),
+    "sparsetral": ("tiny", {**HEADS, "rope_theta": 1e6, "sliding_window": 16}, "sentencepiece", "chatml", 1.0),
 }
 E, TOP_K, R = 4, 2, 8
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from .project.convert import PESC_ARCHITECTURES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # warnings only: they reach stderr without vLLM's log setup
 
 
 def _serve_released(config):
@@ -23,8 +23,8 @@ def _serve_released(config):
     arch = PESC_ARCHITECTURES[config.model_type]
     if not config.architectures or config.architectures == [arch]:  # not from a file, or the plugin's
         return
-    logger.info("%s config names %s (the official remote code's class); serving it as %s",
-                config.model_type, config.architectures, arch)
+    logger.warning("%s config names %s (the official remote code's class); serving it as %s",
+                   config.model_type, config.architectures, arch)
     config.architectures = [arch]
     if config.model_type == "camelidae" and config.rope_parameters.get("rope_theta") != 10000.0:
         logger.warning("Camelidae: the official code ignores rope_theta (%s) and uses 10000; so does this",
