@@ -931,7 +931,7 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30, fami
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = hf_tokenizer_files(src, tmp)
-        tensors = hf_tensors(model, dtype, sparsetral=config["model_type"] == "sparsetral")
+        tensors = hf_tensors(model, dtype, config["model_type"] == "sparsetral")
         write_checkpoint(out, config, tensors, max_shard_bytes, extra_files=extra, overwrite=force)
     print(f"wrote {out}")
     if "auto_map" in config:

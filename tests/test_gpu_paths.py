@@ -509,8 +509,8 @@ def test_gpu_check_logits_part_converts_and_would_see_a_bad_conversion(monkeypat
 
     hf_tensors = convert.hf_tensors
 
-    def swapped_experts(model, dtype):  # a converter bug: experts 0 and 1 of layer 1 trade places
-        for key, t in hf_tensors(model, dtype):
+    def swapped_experts(model, dtype, *naming):  # a converter bug: experts 0 and 1 of layer 1 trade places
+        for key, t in hf_tensors(model, dtype, *naming):
             if ".layers.1." in key and ".expert_0." in key:
                 key = key.replace(".expert_0.", ".expert_1.")
             elif ".layers.1." in key and ".expert_1." in key:
