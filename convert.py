@@ -463,9 +463,9 @@ def hf_model_config(hf: dict, cfg_file, keys):
 def set_rope_base(config: ModelConfig, family: str, rope_theta, cfg_file, architectures=()):
     """The RoPE base a converted checkpoint computes with, in place: --rope_theta when given;
     for Camelidae 10000, since the official modeling code never reads rope_theta; else the
-    source config's (also for this project's own Camelidae export, whose architectures name,
-    PESC_ARCHITECTURES', says the config's rope_theta is the one it computed with). Each choice
-    is announced."""
+    source config's (also for this project's own Camelidae export, whose architectures name from
+    PESC_ARCHITECTURES says that its rope_theta is the one it computed with). Each choice is
+    announced."""
     if rope_theta is not None:
         print(f"rope_theta {rope_theta:g} (--rope_theta; {cfg_file} says {config.rope_theta:g})")
         config.rope_theta = float(rope_theta)
@@ -832,8 +832,8 @@ def hf_config(config: ModelConfig, dtype, family=None) -> dict:
     if family is not None and family not in PESC_ARCHITECTURES:
         raise ConvertError(f"--family {family!r}: expected one of {', '.join(PESC_ARCHITECTURES)}")
     if (family == "qwen2idae") != bool(c.moe is not None and c.qkv_bias):
-        raise ConvertError(f"--family {family}: q/k/v bias is {'on' if c.qkv_bias else 'off'} in this model, "
-                           f"and only qwen2idae has it")
+        raise ConvertError(f"--family {family}: this model's q/k/v bias is {'on' if c.qkv_bias else 'off'}; "
+                           f"only qwen2idae (a Qwen2 base) has q/k/v bias")
     # sparsetral's Mistral code has a sliding window, the Camelidae/Qwen2idae codes none (warned below)
     window = c.sliding_window if family in (None, "sparsetral") else None
     if c.qkv_bias and window is not None:

@@ -11,7 +11,10 @@ Text a user gives is never parsed for special tokens: "<|eot_id|>" typed in a pr
 Chat templates ("camelidae", "llama2", "llama3", "chatml") are the table CHAT_TEMPLATES of one
 small function each: a conversation -> parts (special-token ids and text, each marked target or
 not); Tokenizer.encode_chat encodes the parts into ids and a target mask that is True exactly on
-the tokens a model must learn to produce.
+the tokens a model must learn to produce. JINJA_TEMPLATES are the same templates as Jinja, and
+write_hf_tokenizer writes a tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json
+with the Jinja template, generation_config.json) that encode exactly as this module does, for an
+HF export that transformers and vLLM read.
 """
 
 import base64
