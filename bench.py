@@ -4,6 +4,7 @@ timed runs; numbers go to BENCHMARKS.md by hand, with the machine, the date and 
 
     python bench.py                          # the quick sections: moe, decode, train (< 2 min on 2 CPU cores)
     python bench.py --only lora,quant,data   # sections by name (moe decode train lora kernels quant data), or all
+    .venv-serve/bin/python bench.py --only serve   # vLLM serving PESC vs dense (the serve venv: README, Serving)
     python bench.py --device cuda --only train,kernels,decode   # on a GPU (train reports MFU)
     python bench.py --gpu --out_dir DIR      # the prepared 1-GPU check: the GPU tests, then those three
 
@@ -362,6 +363,72 @@ def bench_data(args):
 
 
 # -----------------------------------------------------------------------------
+# Serving with vLLM (serve/): run with the serve venv's python (README: Serving)
+
+
+def bench_serve(args, steps=64, dim=1024, layers=8):
+    """Generated tokens/s of vLLM's OpenAI server (the serve/ plugin) at 1, 8 and 32 concurrent
+    greedy requests of exactly `steps` tokens, PESC (8 experts, top-2, adapter dim dim/8, as
+    Camelidae's 512 of 4096) beside the same dense base, and sample.generate at batch 1 and 32;
+    fp32, eager, random weights, the byte-level tokenizer."""
+    import concurrent.futures
+    import socket
+    import urllib.request
+
+    from openai import OpenAI
+
+    from convert import export_hf
+    from tokenizer import write_byte_tokenizer
+
+    root, results = tempfile.mkdtemp(prefix="bench-serve-"), {}
+    prompts = [[256] + [(7 * i + j) % 256 for j in range(24)] for i in range(32)]  # BOS + 24 bytes, all different
+    for kind in ("dense", "pesc"):
+        torch.manual_seed(0)
+        net = Transformer(ModelConfig(vocab_size=512, dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=dim // 128,
+                                      ffn_dim=int(dim * 2.75), max_seq_len=256))
+        if kind == "pesc":
+            moe.upcycle(net, PESCConfig(num_experts=8, top_k=2, adapter_dim=dim // 8, adapter_dropout=0.0))
+            for ff in moe.pesc_layers(net):
+                torch.nn.init.normal_(ff.adapter_up, std=0.02)  # zero at upcycling, not after training
+        ckpt, hf = os.path.join(root, kind), os.path.join(root, kind + "-hf")
+        net.eval().save_pretrained(ckpt)
+        write_byte_tokenizer(os.path.join(ckpt, "tokenizer.model"))
+        export_hf(ckpt, hf)
+        r = results[kind] = {f"generate_{b}": b * steps / race([lambda: generate(net, prompts[:b], steps, temperature=0)],
+                                                                1, 2)[0] for b in (1, 32)}
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hf, "--port",
+                                   str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager"],
+                                  stdout=open(os.path.join(root, kind + ".log"), "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True, env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ})  # GiB
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert server.poll() is None, f"the vLLM server failed; see {root}/{kind}.log"
+                    time.sleep(1)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
+
+            def requests(n):  # n greedy completions at once, each exactly `steps` tokens
+                with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                    counts = list(pool.map(lambda p: client.completions.create(
+                        model=hf, prompt=p, max_tokens=steps, temperature=0,
+                        extra_body={"ignore_eos": True}).usage.completion_tokens, prompts[:n]))
+                assert counts == [steps] * n, counts
+
+            r.update({f"vllm_{n}": n * steps / race([lambda: requests(n)], 1, 3)[0] for n in (1, 8, 32)})
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait()
+        print(f"[serve] {kind:5s} tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+    return results
+
+
+# -----------------------------------------------------------------------------
 # bench.py --gpu --out_dir DIR: the first check on a machine with one GPU
 
 
@@ -393,13 +460,13 @@ def gpu_check(args, sections=("kernels", "train", "decode"), tests=True):
 
 
 SECTIONS = {"moe": bench_moe, "decode": bench_decode, "train": bench_train, "lora": bench_lora,
-            "kernels": bench_kernels, "quant": bench_quant, "data": bench_data}
+            "kernels": bench_kernels, "quant": bench_quant, "data": bench_data, "serve": bench_serve}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--only", default=",".join(QUICK), help=f"comma-separated sections, or all: {', '.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(QUICK), help=f"comma-separated sections, or all (but serve): {', '.join(SECTIONS)}")
     cli.add_device_dtype(p)
     p.add_argument("--layers", type=int, default=4, help="GPU: Llama-2-7B's first N layers (train, decode, quant)")
     p.add_argument("--gpu", default=False, **cli.FLAG, help="the prepared check for a 1-GPU machine (with --out_dir)")
@@ -415,7 +482,7 @@ def main(argv=None):
             raise SystemExit("bench.py --gpu: no CUDA GPU is visible to torch (torch.cuda.is_available() is False), "
                              "so there is nothing to check; run it on the GPU machine")
         return gpu_check(args)
-    names = list(SECTIONS) if args.only == "all" else args.only.split(",")
+    names = [n for n in SECTIONS if n != "serve"] if args.only == "all" else args.only.split(",")
     for name in names:
         if name not in SECTIONS:
             p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")

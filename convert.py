@@ -3,7 +3,7 @@ Convert checkpoints between the official layouts (Meta, Hugging Face, the releas
 and the project's format.
 
     python convert.py --ckpt DIR --out_dir DIR [--dtype bf16|fp16|fp32] [--rope_theta X] [--force]  # import
-    python convert.py --ckpt CKPT --out_dir DIR --to hf [--dtype ...] [--force]                      # export
+    python convert.py --ckpt CKPT --out_dir DIR --to hf [--family F] [--dtype ...] [--force]         # export
 
 Import reads, telling the layout from the files it finds (never from the folder's name):
 - Meta consolidated: params.json + consolidated.NN.pth model-parallel shards (Llama 2, 3, 3.1);
@@ -18,8 +18,11 @@ the shapes the config implies, and written by files.write_checkpoint into a temp
 that is renamed at the end: a failed conversion leaves nothing under --out_dir.
 
 Export writes a project checkpoint as a Hugging Face Llama / Mistral / Qwen2 checkpoint, or a
-PESC one as a Camelidae-style (Qwen2idae-style for q/k/v-bias bases) checkpoint with the
-official key names and config keys. LoRA, if the checkpoint has it, is merged first.
+PESC one as a Camelidae-style (Qwen2idae-style for q/k/v-bias bases; sparsetral-style with
+--family sparsetral) checkpoint with the official key names and config keys, and an
+`architectures` name only the vLLM plugin in serve/ claims (PESC_ARCHITECTURES). The tokenizer
+goes along with tokenizer.json, the Jinja chat template and the stop ids, which transformers
+and vLLM read (tokenizer.write_hf_tokenizer). LoRA, if the checkpoint has it, is merged first.
 """
 
 import argparse
@@ -385,6 +388,11 @@ def read_meta(src):
 _HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "yi": "llama",
                    "camelidae": "llama", "qwen2idae": "qwen2", "sparsetral": "mistral"}
 _PESC_FAMILIES = ("camelidae", "qwen2idae", "sparsetral")
+# The `architectures` name an export of each PESC family carries. Only the vLLM plugin (serve/)
+# claims these names, so an engine without it refuses the export instead of building the dense
+# base model that the released configs name (LlamaForCausalLM, Qwen2ForCausalLM).
+PESC_ARCHITECTURES = {"camelidae": "CamelidaeForCausalLM", "qwen2idae": "Qwen2idaeForCausalLM",
+                      "sparsetral": "SparsetralForCausalLM"}
 
 
 def hf_weight_files(src):
@@ -446,13 +454,18 @@ def hf_model_config(hf: dict, cfg_file, keys):
     return config, family
 
 
-def set_rope_base(config: ModelConfig, family: str, rope_theta, cfg_file):
+def set_rope_base(config: ModelConfig, family: str, rope_theta, cfg_file, architectures=()):
     """The RoPE base a converted checkpoint computes with, in place: --rope_theta when given;
     for Camelidae 10000, since the official modeling code never reads rope_theta; else the
-    source config's. Each choice is announced."""
+    source config's (also for this project's own Camelidae export, whose architectures name from
+    PESC_ARCHITECTURES says that its rope_theta is the one it computed with). Each choice is
+    announced."""
     if rope_theta is not None:
         print(f"rope_theta {rope_theta:g} (--rope_theta; {cfg_file} says {config.rope_theta:g})")
         config.rope_theta = float(rope_theta)
+    elif family == "camelidae" and PESC_ARCHITECTURES["camelidae"] in architectures:
+        print(f"Camelidae exported by this project ({PESC_ARCHITECTURES['camelidae']}): RoPE base "
+              f"{config.rope_theta:g} as its config says")
     elif family == "camelidae" and config.rope_theta != 10000.0:
         print(f"Camelidae: the official code ignores rope_theta ({config.rope_theta:g} in {cfg_file}) and "
               f"uses 10000; converting with 10000 (pass --rope_theta to override)")
@@ -581,7 +594,7 @@ def read_official(src, layout, rope_theta=None):
     else:
         config, tensors, family, cfg_file = read_hf(src)
         hf = read_json(cfg_file)
-    set_rope_base(config, family, rope_theta, cfg_file)
+    set_rope_base(config, family, rope_theta, cfg_file, hf.get("architectures") or ())
     return config, tensors, family, cfg_file, hf
 
 
@@ -799,15 +812,26 @@ _OFFICIAL_CLASSES = {"camelidae": ("CamelidaeConfig", "LlamaForCausalLM"),
                      "qwen2idae": ("Qwen2idaeConfig", "Qwen2ForCausalLM")}
 
 
-def hf_config(config: ModelConfig, dtype) -> dict:
+def hf_config(config: ModelConfig, dtype, family=None) -> dict:
     """An HF config.json for a project config: Llama, Mistral (sliding window), Qwen2 (q/k/v
-    bias); for PESC, Camelidae-style (Qwen2idae-style on a q/k/v-bias base)."""
+    bias); for PESC, Camelidae-style (Qwen2idae-style on a q/k/v-bias base), or sparsetral-style
+    (a Mistral config) when family is "sparsetral". A PESC export names its family's
+    PESC_ARCHITECTURES class, which only the vLLM plugin serves."""
     c = config
-    window = c.sliding_window if c.moe is None else None  # the PESC codes have none (warned below)
+    family = family or (None if c.moe is None else "qwen2idae" if c.qkv_bias else "camelidae")
+    if family is not None and c.moe is None:
+        raise ConvertError(f"--family {family}: the checkpoint is a dense model (no PESC settings)")
+    if family is not None and family not in PESC_ARCHITECTURES:
+        raise ConvertError(f"--family {family!r}: expected one of {', '.join(PESC_ARCHITECTURES)}")
+    if (family == "qwen2idae") != bool(c.moe is not None and c.qkv_bias):
+        raise ConvertError(f"--family {family}: this model's q/k/v bias is {'on' if c.qkv_bias else 'off'}; "
+                           f"only qwen2idae (a Qwen2 base) has q/k/v bias")
+    # sparsetral's Mistral code has a sliding window, the Camelidae/Qwen2idae codes none (warned below)
+    window = c.sliding_window if family in (None, "sparsetral") else None
     if c.qkv_bias and window is not None:
         raise ConvertError("a model with both q/k/v bias and a sliding window has no HF equivalent here")
     arch, model_type = (("Qwen2ForCausalLM", "qwen2") if c.qkv_bias else
-                        ("MistralForCausalLM", "mistral") if window is not None else
+                        ("MistralForCausalLM", "mistral") if window is not None or family == "sparsetral" else
                         ("LlamaForCausalLM", "llama"))
     hf = {
         "architectures": [arch], "model_type": model_type,
@@ -820,30 +844,32 @@ def hf_config(config: ModelConfig, dtype) -> dict:
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type == "mistral":
-        hf["sliding_window"] = c.sliding_window
+        hf["sliding_window"] = window
     else:
         hf.update(use_sliding_window=False, sliding_window=None)
-    if c.moe is not None:
+    if family is not None:
         p = c.moe
-        hf["model_type"] = family = "qwen2idae" if c.qkv_bias else "camelidae"
-        # the official code's classes (what its merge scripts write): with its two .py files put
-        # beside config.json, transformers loads the export with trust_remote_code=True
-        hf["auto_map"] = {"AutoConfig": f"configuration_{family}.{_OFFICIAL_CLASSES[family][0]}",
-                          "AutoModelForCausalLM": f"modeling_{family}.{_OFFICIAL_CLASSES[family][1]}"}
+        hf["architectures"], hf["model_type"] = [PESC_ARCHITECTURES[family]], family
+        if family in _OFFICIAL_CLASSES:
+            # the official code's classes (what its merge scripts write): with its two .py files put
+            # beside config.json, transformers loads the export with trust_remote_code=True
+            hf["auto_map"] = {"AutoConfig": f"configuration_{family}.{_OFFICIAL_CLASSES[family][0]}",
+                              "AutoModelForCausalLM": f"modeling_{family}.{_OFFICIAL_CLASSES[family][1]}"}
         hf.update(num_experts=p.num_experts, topk=p.top_k, adapter_dim=p.adapter_dim,
                   moe_scaling=p.adapter_scaling, adapter_dropout=p.adapter_dropout,
                   moe_dtype=hf_dtype_name(dtype), output_router_logits=False)
-        if not c.qkv_bias and c.rope_theta != 10000.0:
+        if family == "camelidae" and c.rope_theta != 10000.0:
             print(f"warning: the official Camelidae code ignores rope_theta and uses 10000; this model uses "
                   f"{c.rope_theta:g}, so that code will not compute the same logits", file=sys.stderr)
-        if c.sliding_window is not None:
-            print(f"warning: Camelidae-style models have no sliding window; this model's "
-                  f"{c.sliding_window}-token window is lost", file=sys.stderr)
+        if c.sliding_window is not None and window is None:
+            print(f"warning: {family} models have no sliding window; this model's "
+                  f"{c.sliding_window}-token window is lost (--family sparsetral keeps it)", file=sys.stderr)
     return hf
 
 
-def hf_tensors(model, dtype):
-    """(HF name, tensor) of a project model: official names, per-expert adapters unstacked."""
+def hf_tensors(model, dtype, sparsetral=False):
+    """(HF name, tensor) of a project model: official names, per-expert adapters unstacked
+    (named `experts.{e}.` for sparsetral, `experts.expert_{e}.` otherwise)."""
     for name, t in model.state_dict().items():
         if name == "output.weight" and model.config.tie_embeddings:
             continue
@@ -851,13 +877,34 @@ def hf_tensors(model, dtype):
         m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.adapter_(down|up)", name)
         if m:  # (E, r, dim) / (E, dim, r) -> one [r, hidden] / [hidden, r] tensor per expert
             for e in range(t.shape[0]):
-                yield expert_key(int(m.group(1)), e, m.group(2)), t[e].clone()  # own storage for safetensors
+                yield expert_key(int(m.group(1)), e, m.group(2), sparsetral), t[e].clone()  # own storage
             continue
         yield project_key_to_hf(name), t
 
 
-def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
-    """Export the project checkpoint src as a Hugging Face checkpoint at out. Returns its config.json dict."""
+# HF tokenizer files of a source that the export writes anew from the project's tokenizer
+# (tokenizer.write_hf_tokenizer); copying them too could contradict it.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                       "generation_config.json")
+
+
+def hf_tokenizer_files(src, tmp):
+    """(path, name) of the tokenizer files an export carries: the project's own (tokenizer.model,
+    or vocab.json + merges.txt) and the HF ones written from them into tmp; [] when src has none."""
+    own = [(path, name) for path, name in tokenizer_files(src) if name not in _HF_TOKENIZER_FILES]
+    if not own:
+        print(f"warning: {src} has no tokenizer; the export has none either", file=sys.stderr)
+        return []
+    try:
+        return own + tokenizer.write_hf_tokenizer(Tokenizer(src), tmp)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConvertError(f"the tokenizer cannot be exported: {e.args[0] if e.args else e}") from None
+
+
+def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30, family=None):
+    """Export the project checkpoint src as a Hugging Face checkpoint at out, with tokenizer.json,
+    the Jinja chat template and the stop ids. family: the PESC layout (default camelidae, or
+    qwen2idae for a q/k/v-bias base; sparsetral). Returns its config.json dict."""
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_out(src, out, force)
@@ -871,20 +918,18 @@ def export_hf(src, out, dtype=None, force=False, max_shard_bytes=5 * 2**30):
         print("merging LoRA into the base weights")
         merge_lora(model)
     dtype = DTYPES.get(dtype, dtype) or model.tok_embeddings.weight.dtype
-    config = hf_config(model.config, dtype)
+    config = hf_config(model.config, dtype, family)
     print(f"exporting {src} as {config['model_type']} ({config['architectures'][0]})", flush=True)
 
-    extra = tokenizer_files(src)
     with tempfile.TemporaryDirectory() as tmp:
-        tok_config_file = tokenizer_config(tmp, src, None)  # the project's template name is no Jinja: dropped
-        if tok_config_file is not None:
-            extra.append((tok_config_file, "tokenizer_config.json"))
-        write_checkpoint(out, config, hf_tensors(model, dtype), max_shard_bytes,
-                         extra_files=extra, overwrite=force)
+        extra = hf_tokenizer_files(src, tmp)
+        tensors = hf_tensors(model, dtype, config["model_type"] == "sparsetral")
+        write_checkpoint(out, config, tensors, max_shard_bytes, extra_files=extra, overwrite=force)
     print(f"wrote {out}")
     if "auto_map" in config:
         print(f"to load it with the official {config['model_type']} code, put its configuration_*.py and "
-              f"modeling_*.py files in {out} (config.json's auto_map names them)")
+              f"modeling_*.py files in {out} (config.json's auto_map names them); to serve it with vLLM, "
+              f"pip install ./serve (README: Serving)")
     return config
 
 
@@ -906,6 +951,8 @@ def main(argv=None):
     p.add_argument("--rope_theta", type=float, default=None,
                    help="RoPE base to use instead of the config's (import only; Camelidae defaults to 10000)")
     p.add_argument("--force", default=False, **cli.FLAG, help="replace an existing --out_dir")
+    p.add_argument("--family", choices=tuple(PESC_ARCHITECTURES), default=None,
+                   help="--to hf of a PESC checkpoint: the layout (default camelidae, qwen2idae on a q/k/v-bias base)")
     g = p.add_argument_group("the official trainer's output (--ckpt is then the dense base it trained on)")
     g.add_argument("--training_output", default=None,
                    help="checkpoint-N of train_moe.py: adapter_model/ (PEFT LoRA) and moe_model.bin")
@@ -925,7 +972,9 @@ def main(argv=None):
         elif args.to == "hf":
             if args.rope_theta is not None:
                 raise ConvertError("--rope_theta applies to import only")
-            export_hf(args.ckpt, args.out_dir, args.dtype, args.force)
+            export_hf(args.ckpt, args.out_dir, args.dtype, args.force, family=args.family)
+        elif args.family is not None:
+            raise ConvertError("--family applies to --to hf only")
         else:
             convert_checkpoint(args.ckpt, args.out_dir, args.dtype, args.rope_theta, args.force)
     except ConvertError as e:

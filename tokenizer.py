@@ -11,7 +11,10 @@ Text a user gives is never parsed for special tokens: "<|eot_id|>" typed in a pr
 Chat templates ("camelidae", "llama2", "llama3", "chatml") are the table CHAT_TEMPLATES of one
 small function each: a conversation -> parts (special-token ids and text, each marked target or
 not); Tokenizer.encode_chat encodes the parts into ids and a target mask that is True exactly on
-the tokens a model must learn to produce.
+the tokens a model must learn to produce. JINJA_TEMPLATES are the same templates as Jinja, and
+write_hf_tokenizer writes a tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json
+with the Jinja template, generation_config.json) that encode exactly as this module does, for an
+HF export that transformers and vLLM read.
 """
 
 import base64
@@ -235,6 +238,48 @@ def chatml_chat(tok, messages, add_generation_prompt):
 CHAT_TEMPLATES = {"camelidae": camelidae_chat, "llama2": llama2_chat, "llama3": llama3_chat, "chatml": chatml_chat}
 TEMPLATES = tuple(CHAT_TEMPLATES)  # the names, e.g. for a command line's choices
 
+# The same templates as Jinja, for tokenizer_config.json (transformers' apply_chat_template, vLLM's
+# chat server): rendered and tokenized with the special tokens parsed, each renders exactly the ids
+# its function above gives (tests/test_export_hf.py). Special-token names typed in a message become
+# special tokens there, as with any Jinja chat template; encode_chat keeps them text.
+_JINJA_CHECKS = (  # encode_chat's checks on the messages, and system/turns for the pair templates
+    "{%- for m in messages -%}"
+    "{%- if m['role'] not in ['system', 'user', 'assistant'] or (m['role'] == 'system' and not loop.first) -%}"
+    "{{- raise_exception('message ' ~ loop.index0 ~ ': role must be user or assistant (system only first)') -}}"
+    "{%- endif -%}{%- endfor -%}")
+_JINJA_PAIRS = (  # user_assistant_pairs: the turns alternate, user first
+    _JINJA_CHECKS +
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- if not turns -%}{{- raise_exception('needs a user message') -}}{%- endif -%}"
+    "{%- for m in turns -%}{%- if (m['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{- raise_exception('the turns must alternate, user first') -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and turns[-1]['role'] != 'user' -%}"
+    "{{- raise_exception('add_generation_prompt needs the last message to be the user\\'s') -}}{%- endif -%}")
+JINJA_TEMPLATES = {
+    "camelidae": _JINJA_PAIRS +
+        "{{- bos_token or '' -}}"
+        "{%- if system is not none -%}{{- '### System:\\n' + system + '\\n' -}}{%- endif -%}"
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{{- '### Human:\\n' + m['content'] + '\\n### Assistant:\\n' -}}"
+        "{%- else -%}{{- m['content'] + eos_token -}}{%- endif -%}{%- endfor -%}",
+    "llama2": _JINJA_PAIRS +
+        "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{%- set user = m['content'] -%}"
+        "{%- if loop.first and system is not none -%}{%- set user = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + user -%}{%- endif -%}"
+        "{{- (bos_token or '') + '[INST] ' + user | trim + ' [/INST]' -}}"
+        "{%- else -%}{{- ' ' + m['content'] | trim + ' ' + eos_token -}}{%- endif -%}{%- endfor -%}",
+    "llama3": _JINJA_CHECKS +
+        "{{- bos_token -}}"
+        "{%- for m in messages -%}"
+        "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}",
+    "chatml": _JINJA_CHECKS +
+        "{{- bos_token or '' -}}"
+        "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+}
+assert set(JINJA_TEMPLATES) == set(CHAT_TEMPLATES)
+
 
 def common_prefix(a, b):
     n = 0
@@ -307,6 +352,7 @@ class Tokenizer:
 
         self._tt = tiktoken.Encoding(os.path.basename(file), pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=canonical)
+        self._ranks, self._pattern = ranks, LLAMA3_PATTERN
         self._specials = {**canonical, **aliases}
         self.vocab_size = n + len(canonical)
         self.bos_id = canonical["<|begin_of_text|>"]
@@ -319,6 +365,7 @@ class Tokenizer:
             import sentencepiece  # here, not at the top (see _load_tiktoken)
 
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=data) if data.strip() else None
+            self._sp_file = file
         except RuntimeError:
             self._sp = None
         if self._sp is None or self._sp.get_piece_size() == 0:
@@ -388,6 +435,7 @@ class Tokenizer:
 
         self._tt = tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(vocab_file))),
                                      pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        self._ranks, self._pattern = ranks, QWEN2_PATTERN
         self._specials = specials
         self.vocab_size = max([*ranks.values(), *specials.values()]) + 1
         self.bos_id = None  # Qwen has no BOS
@@ -505,3 +553,132 @@ class Tokenizer:
                 mask.append(target)
         assert len(ids) == len(mask)
         return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer files, for a checkpoint exported to the HF layout (convert.py --to hf):
+# tokenizer.json (the `tokenizers` library's format), tokenizer_config.json with the Jinja chat
+# template, and generation_config.json with the stop ids. Written from this module's own
+# tokenizers, without transformers, so that AutoTokenizer (and vLLM through it) encodes exactly
+# as Tokenizer does.
+
+_ADDED = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+
+
+def byte_level_merges(ranks):
+    """BPE merges in the order a rank-based BPE (tiktoken) applies them: every split of a token
+    into two tokens, ordered by the merged token's rank. ranks: {bytes: rank}."""
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def sentencepiece_settings(tok):
+    """(model proto, why not) of a SentencePiece tokenizer: why it has no tokenizer.json that
+    encodes as it does, or None. tokenizer.json's BPE merges by rank and replaces spaces
+    plainly; a SentencePiece model that normalises text (NFKC, collapsed whitespace) or is not
+    BPE (Unigram) has no such equivalent here."""
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok._sp.serialized_model_proto())
+    n, t = proto.normalizer_spec, proto.trainer_spec
+    if t.model_type != t.BPE:
+        return proto, f"its model type is {t.ModelType.Name(t.model_type)}, not BPE"
+    if n.name not in ("identity", "") or n.precompiled_charsmap:
+        return proto, f"it normalises text with the {n.name!r} rule"
+    if n.remove_extra_whitespaces:
+        return proto, "it removes extra whitespace (remove_extra_whitespaces)"
+    if not n.escape_whitespaces:
+        return proto, "it keeps spaces unescaped (escape_whitespaces off)"
+    if any(p.type == p.USER_DEFINED for p in proto.pieces):
+        return proto, "it has user-defined pieces"
+    return proto, None
+
+
+def hf_tokenizer_json(tok) -> dict:
+    """tok as a tokenizer.json that encodes every text as tok.encode does; ValueError (naming the
+    file and why) for a SentencePiece model that no tokenizer.json matches."""
+    specials = sorted((id, name) for id, name in tok._special_names.items())
+    # The specials are in the model's vocab too: `tokenizers` numbers an added token that is not
+    # from the end of the vocab on, which moves any that come after a gap in the ids.
+    added = [dict(id=id, content=name, **_ADDED) for id, name in specials]
+    bos = tok._special_names.get(tok.bos_id) if tok.bos_id is not None else None
+    post = None if bos is None else {  # encode(text, bos=True): what a plain prompt gets
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+    if tok.kind == "sentencepiece":
+        proto, why = sentencepiece_settings(tok)
+        if why is not None:
+            raise ValueError(f"{tok._sp_file}: this SentencePiece model has no Hugging Face tokenizer.json that "
+                             f"encodes as it does: {why}")
+        pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+        pieces.update({name: id for id, name in specials if name not in pieces})  # see `added`
+        scores = {p.piece: p.score for p in proto.pieces if p.type == p.NORMAL}
+        merges = sorted((-scores[p], pieces[p[:i]], pieces[p[i:]], p[:i], p[i:]) for p in scores
+                        for i in range(1, len(p)) if p[:i] in scores and p[i:] in scores)
+        prepend = proto.normalizer_spec.add_dummy_prefix  # sp.encode starts every text with a space
+        normalizer = [{"type": "Prepend", "prepend": "\u2581"}] if prepend else []
+        normalizer.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
+        decoder = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                   {"type": "ByteFallback"}, {"type": "Fuse"}]
+        if prepend:
+            decoder.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+        model = {"type": "BPE", "dropout": None, "unk_token": proto.pieces[proto.trainer_spec.unk_id].piece,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                 "byte_fallback": proto.trainer_spec.byte_fallback, "ignore_merges": False,
+                 "vocab": pieces, "merges": [[a, b] for *_, a, b in merges]}
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": normalizer}, "pre_tokenizer": None,
+                "post_processor": post, "decoder": {"type": "Sequence", "decoders": decoder}, "model": model}
+    # byte-level BPE (tiktoken and vocab.json + merges.txt): tokens spelled in GPT-2's byte alphabet
+    table = byte_to_unicode()
+    spell = lambda b: "".join(table[x] for x in b)  # noqa: E731
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+             "ignore_merges": True,  # as tiktoken: a piece that is a token is not split
+             "vocab": {**{spell(b): r for b, r in tok._ranks.items()}, **{name: id for id, name in specials}},
+             "merges": [[spell(a), spell(b)] for a, b in byte_level_merges(tok._ranks)]}
+    split = {"type": "Split", "pattern": {"Regex": tok._pattern}, "behavior": "Isolated", "invert": False}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if tok.kind == "bpe" else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                split, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": model}
+
+
+def write_hf_tokenizer(tok, out_dir, template=None):
+    """Write tok's tokenizer.json, tokenizer_config.json (the Jinja chat template of `template`,
+    default tok.template) and generation_config.json (tok.stop_ids end a generation) into
+    out_dir; returns [(path, name), ...]. ValueError for a tokenizer no tokenizer.json matches."""
+    template = template or tok.template
+    names = tok._special_names
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json alone says how to encode
+        "bos_token": names.get(tok.bos_id), "eos_token": names.get(tok.eos_id),
+        "pad_token": names.get(tok.pad_id), "unk_token": None,
+        "added_tokens_decoder": {str(id): dict(content=name, **_ADDED) for id, name in sorted(names.items())},
+        "chat_template": JINJA_TEMPLATES[template],
+        "clean_up_tokenization_spaces": False,  # decode gives the text back as it was
+        "model_max_length": 1 << 30,
+    }
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id}
+    files = [("tokenizer.json", hf_tokenizer_json(tok)), ("tokenizer_config.json", config),
+             ("generation_config.json", generation)]
+    out = []
+    for name, content in files:
+        path = os.path.join(out_dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+        out.append((path, name))
+    return out
